@@ -28,8 +28,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Copy the complete store SRC to DST byte for byte (no re-encoding), metadata last, then verify DST.
 
-        A store still being written is refused (finish it with `softlabels dump ... --resume`). Exits 1
-        naming the bad chunks when the copy does not verify."""
+        A store still being written is refused. Exits 1, naming the bad chunks, when the copy does not verify."""
         from softlabels.errors import SoftlabelsError
         from softlabels.stores.copy import CopyVerifyError, copy_store
 

@@ -193,11 +193,16 @@ def open_zarr_store(location: str | os.PathLike, *, read_only: bool, storage_opt
 
 def _check_bucket(location: str, store: Store, storage_options: dict | None) -> None:
     fs, _ = _fs_and_path(store)
-    if not sync(fs._exists(_bucket(location))):
+    bucket = _bucket(location)
+    if sync(fs._exists(bucket)):
+        return
+    try:  # s3fs's probe hides why: ask once more and let remote_errors name the cause
+        sync(fs._call_s3("head_bucket", Bucket=bucket))
+    except FileNotFoundError:
         raise RemoteStoreError(
-            f"bucket {_bucket(location)!r} does not exist at {_endpoint(location, storage_options or {})}; "
+            f"bucket {bucket!r} does not exist at {_endpoint(location, storage_options or {})}; "
             f"create it or fix the URL {location}"
-        )
+        ) from None
 
 
 def _raise_missing(location: str, store: Store, storage_options: dict | None) -> None:
