@@ -126,13 +126,51 @@ def test_copy_round_trip_local_s3_s3_local_is_byte_identical(tiny_store, s3, cli
     assert code == 0 and _files(tmp_path / "local.zarr") == _files(tiny_store), err
 
 
-def test_s3_exists_and_remove(tiny_store, s3):
+def test_s3_exists_and_remove(s3):
     url, options = _url("x.zarr"), s3["options"]
     assert not location_exists(url, options)
     s3["client"].put_object(Bucket="team", Key=url.split("team/")[1] + "/partial/c/0", Body=b"x")
     assert location_exists(url, options)  # anything at all, e.g. an interrupted copy
     remove_location(url, options)
     assert not location_exists(url, options)
+
+
+def test_interrupted_s3_store_is_refused_then_resumed_and_replaced(s3, cli, tmp_path):
+    from softlabels.errors import IncompleteStoreError, StoreExistsError
+    from softlabels.stores.verify import verify_store
+    from softlabels.stores.writer import StoreWriter
+    from softlabels.targets import summarize_logits
+
+    url, options = _url("r.zarr"), s3["options"]
+    g = np.random.default_rng(0)
+    n, c = 768, 10
+    logits = torch.as_tensor(g.normal(0, 2, (n, 1, c)), dtype=torch.float32)
+    labels = g.integers(0, c, n)
+    schema = StoreSchema(num_samples=n, num_classes=c, k=3, temperatures=(1.0, 2.0), rows_per_shard=256,
+                         rows_per_chunk=128, dataset={"spec": "test", "split": "train"})
+
+    def write(writer, unit):
+        start, stop = schema.unit_range(unit)
+        lab = torch.as_tensor(labels[start:stop]).unsqueeze(1)
+        fields = {k: t.numpy() for k, t in summarize_logits(logits[start:stop], 3, (1.0, 2.0), lab).items()}
+        writer.mark_complete(unit, writer.write_unit(unit, {**fields, "labels": labels[start:stop]}))
+
+    write(StoreWriter.create(url, schema, storage_options=options), 0)  # then the driver "crashes"
+    with pytest.raises(IncompleteStoreError, match="--resume"):
+        open_store(url, storage_options=options)
+    code, _, err = cli("copy", url, tmp_path / "c.zarr", *s3["flags"])
+    assert code == 2 and "is not complete (status 'writing')" in err
+    with pytest.raises(StoreExistsError, match="pass --resume to continue it"):
+        StoreWriter.create(url, schema, storage_options=options)
+    writer = StoreWriter.create(url, schema, resume=True, storage_options=options)
+    assert writer.pending_units() == [1, 2]
+    for unit in writer.pending_units():
+        write(writer, unit)
+    writer.finalize()
+    report = verify_store(url, storage_options=options)
+    assert report.ok and report.units_checked == 3
+    np.testing.assert_array_equal(open_store(url, storage_options=options).array("labels")[...], labels)
+    assert StoreWriter.create(url, schema, overwrite=True, storage_options=options).pending_units() == [0, 1, 2]
 
 
 def test_copy_refuses_an_incomplete_store(tiny_store, cli, tmp_path):

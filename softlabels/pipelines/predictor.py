@@ -41,7 +41,7 @@ class DumpConfig:
     rows_per_chunk: int = 0
     # fsspec options for a remote ``out`` (endpoint, credentials): travel to the workers with the
     # config because they may not share the driver's environment; never shown nor serialised.
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
