@@ -91,7 +91,9 @@ def copy_store(
     src_store = open_zarr_store(src, read_only=True, storage_options=source_options)
     dst_store = open_zarr_store(dst, read_only=False, storage_options=destination_options)
     with remote_errors(src, source_options):
-        keys = [k for k in store_keys(src_store) if k != METADATA_KEY] + [METADATA_KEY]
+        listed = [k for k in store_keys(src_store) if k != METADATA_KEY]
+    # array metadata first (an interrupted copy is then recognisable for --overwrite), root last
+    keys = sorted(listed, key=lambda k: not k.endswith(METADATA_KEY)) + [METADATA_KEY]
     if on_start is not None:
         on_start(len(keys))
 
