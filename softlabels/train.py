@@ -170,6 +170,7 @@ def train_student(
     num_workers: int = 0,
     warn: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    storage_options: dict | None = None,
 ) -> dict[str, Any]:
     """Train ``student_arch`` on ``dataset_spec`` with ``method`` from the store(s) at
     ``store_path`` (a path, a list of paths -- one per split, e.g. train + transfer -- or None
@@ -177,6 +178,7 @@ def train_student(
     ``k`` uses the first k stored logits (default: all); ``hparams`` are the method's
     (:func:`softlabels.losses.method_defaults`). Returns the metrics also written to
     ``out_dir/metrics.json``; the student's ``state_dict`` goes to ``out_dir/student.pt``.
+    ``storage_options`` are fsspec options for remote stores (``s3://``, ``http(s)://``).
     """
     wall_start = time.perf_counter()
     warn = warn or _stderr_warning
@@ -202,7 +204,7 @@ def train_student(
     paths = _as_list(store_path)
     if not paths and _needs_store(method):
         raise SpecError(f"method {method!r} reads teacher targets from a store; pass --store (a `softlabels dump` output)")
-    stores = [open_store(p) for p in paths]
+    stores = [open_store(p, storage_options=storage_options) for p in paths]
     splits = [str(s.schema.dataset.get("split", "train")) for s in stores] or ["train"]
     if len(set(splits)) != len(splits):
         raise SpecError(f"two stores cover the same split ({', '.join(splits)}); pass one store per split")

@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from softlabels.cli.options import parse_storage_options, storage_option_flag
 from softlabels.errors import SoftlabelsError
 from softlabels.pipelines.predictor import PENULTIMATE, DumpConfig
 
@@ -25,7 +26,7 @@ def register(app: typer.Typer) -> None:
     def dump(
         teacher: str = typer.Option(..., help="Teacher spec: builtin:ARCH, torchvision:ARCH, timm:ARCH or package.module:factory."),
         dataset: str = typer.Option(..., help="Dataset spec: mnist1d, digits, synthetic, cifar100:/root, imagefolder:/path, ..."),
-        out: str = typer.Option(..., help="Output store (directory or URL)."),
+        out: str = typer.Option(..., help="Output store: a directory or s3://bucket/path (workers write to it directly)."),
         weights: str = typer.Option(None, help="Teacher state_dict file, loaded with torch.load(weights_only=True)."),
         split: str = typer.Option("train", help="Dataset split to dump (train, test, transfer, ...)."),
         k: int = typer.Option(10, help="Top-k logits to keep per sample."),
@@ -42,6 +43,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump into OUT."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at OUT."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary (for scripts)."),
+        storage_option: list[str] = storage_option_flag(),
     ) -> None:
         """Run TEACHER over DATASET once and write top-k logits, normalisers, labels and features to OUT."""
         from softlabels.pipelines.dump import run_dump
@@ -56,7 +58,7 @@ def register(app: typer.Typer) -> None:
         config = DumpConfig(
             teacher=teacher, dataset=dataset, out=out, weights=weights, split=split, k=k,
             temperatures=parse_temperatures(temperatures), feature_layers=layers, value_dtype=value_dtype,
-            batch_size=batch_size, loader_workers=loader_workers,
+            batch_size=batch_size, loader_workers=loader_workers, storage_options=parse_storage_options(storage_option),
         )
         console = Console(stderr=True)
         progress = Progress(

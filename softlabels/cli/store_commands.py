@@ -10,13 +10,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from softlabels.cli.options import parse_storage_options, storage_option_flag
 from softlabels.stores.reader import open_store
 from softlabels.stores.verify import verify_store
 
 
-def store_info(location: str) -> dict[str, Any]:
+def store_info(location: str, storage_options: dict | None = None) -> dict[str, Any]:
     """The JSON object ``info --json`` prints."""
-    store = open_store(location, allow_incomplete=True)
+    store = open_store(location, allow_incomplete=True, storage_options=storage_options)
     s = store.schema
     size = store.bytes_on_disk()
     complete = store.completed_units()
@@ -55,9 +56,10 @@ def register(app: typer.Typer) -> None:
     def info(
         store: str = typer.Argument(..., help="Store path or URL."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+        storage_option: list[str] = storage_option_flag(),
     ) -> None:
         """Show what a store holds: teacher, dataset, k, temperatures, size, fidelity."""
-        data = store_info(store)
+        data = store_info(store, parse_storage_options(storage_option))
         if as_json:
             print(json.dumps(data, indent=2, sort_keys=True))
             return
@@ -91,9 +93,12 @@ def register(app: typer.Typer) -> None:
         Console().print(table)
 
     @app.command()
-    def verify(store: str = typer.Argument(..., help="Store path or URL.")) -> None:
+    def verify(
+        store: str = typer.Argument(..., help="Store path or URL."),
+        storage_option: list[str] = storage_option_flag(),
+    ) -> None:
         """Re-read every chunk: checksums, completeness, digests, metadata. Exits 1 on any problem."""
-        report = verify_store(store)
+        report = verify_store(store, storage_options=parse_storage_options(storage_option))
         if report.ok:
             print(f"ok: {store}: {report.chunks_checked} chunks and {report.units_checked} units verified")
             return

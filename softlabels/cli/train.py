@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from softlabels.cli.options import parse_storage_options, storage_option_flag
 from softlabels.errors import SpecError
 
 METHODS = "ce, ls, kd, kd-topk, kd-pt, kd-sim, kd-pt+sim, hint"
@@ -58,6 +59,7 @@ def register(app: typer.Typer) -> None:
             False, "--allow-mismatch", help="Warn instead of failing when a store's dataset identity differs."
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        storage_option: list[str] = storage_option_flag(),
         out: Path = typer.Option(..., "--out", help="Output directory for student.pt and metrics.json."),
     ) -> None:
         """Train a student from teacher targets stored by `softlabels dump` (the teacher is not needed)."""
@@ -85,6 +87,7 @@ def register(app: typer.Typer) -> None:
             allow_mismatch=allow_mismatch,
             views=views,
             num_workers=workers,
+            storage_options=parse_storage_options(storage_option),
             warn=lambda message: err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True),
         )
         acc = metrics["test_accuracy"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from softlabels.errors import InvalidTargetsError, SoftlabelsError, StoreExistsError
 from softlabels.pipelines.predictor import DumpConfig, TeacherPredictor
 from softlabels.stores import format as fmt
-from softlabels.stores.location import is_remote, location_exists
+from softlabels.stores.location import HTTP_READ_ONLY, is_http, is_remote, location_exists, resolve_storage_options
 from softlabels.stores.writer import StoreWriter
 
 
@@ -40,11 +40,13 @@ class DumpResult:
         return self.bytes_on_disk / max(self.rows, 1)
 
 
-def check_output(out: str, *, resume: bool, overwrite: bool) -> None:
+def check_output(out: str, *, resume: bool, overwrite: bool, storage_options: dict | None = None) -> None:
     """Cheap checks before the teacher is loaded: existing output, writable parent."""
     if resume and overwrite:
         raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
-    if location_exists(out) and not (resume or overwrite):
+    if is_http(out):
+        raise SoftlabelsError(f"cannot write {out}: {HTTP_READ_ONLY}")
+    if location_exists(out, storage_options) and not (resume or overwrite):
         raise StoreExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
     if not is_remote(out):
         parent = Path(out).absolute().parent
@@ -113,14 +115,18 @@ def run_dump(
     ``on_unit(unit, rows)`` drive a progress display."""
     from softlabels.pipelines import ray_dump
 
-    check_output(config.out, resume=resume, overwrite=overwrite)
+    # Explicit options (CLI + the driver's AWS_* variables) so Ray workers write with the same
+    # endpoint and credentials, whatever their own environment holds.
+    config = replace(config, storage_options=resolve_storage_options(config.out, config.storage_options))
+    check_output(config.out, resume=resume, overwrite=overwrite, storage_options=config.storage_options)
     t0 = time.perf_counter()
     predictor = TeacherPredictor(config, device=torch.device("cpu"))
     schema, weight, bias = plan_store(config, predictor)
     loaded = predictor.loaded()
     del predictor
     writer = StoreWriter.create(
-        config.out, schema, classifier_weight=weight, classifier_bias=bias, resume=resume, overwrite=overwrite
+        config.out, schema, classifier_weight=weight, classifier_bias=bias, resume=resume, overwrite=overwrite,
+        storage_options=config.storage_options,
     )
     pending = writer.pending_units()
     rows_pending = sum(stop - start for start, stop in map(schema.unit_range, pending))

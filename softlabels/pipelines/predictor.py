@@ -8,7 +8,7 @@ directly.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,9 +39,13 @@ class DumpConfig:
     threads_per_worker: int = 0
     rows_per_shard: int = 0
     rows_per_chunk: int = 0
+    # fsspec options for a remote ``out`` (endpoint, credentials): travel to the workers with the
+    # config because they may not share the driver's environment; never shown nor serialised.
+    storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("storage_options")  # may hold credentials
         d["temperatures"] = list(self.temperatures)
         d["feature_layers"] = list(self.feature_layers)
         return d
@@ -155,7 +159,7 @@ class TeacherPredictor:
 
     def writer(self) -> StoreWriter:
         if self._writer is None:
-            self._writer = StoreWriter(self.config.out)
+            self._writer = StoreWriter(self.config.out, storage_options=self.config.storage_options)
         return self._writer
 
     def write_unit(self, unit: int) -> dict[str, str]:
