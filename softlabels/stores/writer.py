@@ -7,8 +7,9 @@ Protocol (mirrors a two-phase commit):
    of every per-sample array, so concurrent writers never touch the same object.
 3. One process (the driver) records each unit with :meth:`mark_complete`: the unit's sha256 row
    first, then its ``units/complete`` flag, which is the commit marker for that unit.
-4. :meth:`finalize` checks every unit is recorded, computes summary statistics and flips the
-   status to ``complete``. Readers refuse anything else.
+4. :meth:`finalize` checks every unit is recorded, computes summary statistics, records the
+   sha256 of every metadata document and flips the status to ``complete``. Readers refuse
+   anything else.
 A crash at any point leaves a store that ``resume`` continues from the last recorded unit.
 """
 
@@ -32,7 +33,7 @@ from softlabels.errors import (
 )
 from softlabels.stores import format as fmt
 from softlabels.stores.location import bytes_on_disk, location_exists, open_zarr_store, remove_location
-from softlabels.stores.metadata import read_metadata
+from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, read_metadata, read_metadata_documents
 
 _DIMENSION_NAMES = {
     fmt.TOPK_VALUES: ("sample", "view", "rank"),
@@ -248,6 +249,9 @@ class StoreWriter:
             summary.update(extra_summary)
         meta = dict(self.meta)
         meta.update(status="complete", completed=_now(), summary=summary)
+        meta.pop(METADATA_DIGEST_KEY, None)
+        docs, _ = read_metadata_documents(self._store)
+        meta[METADATA_DIGEST_KEY] = metadata_digests(docs, root_meta=meta)
         self._group.attrs[fmt.ATTRS_KEY] = meta
         self.meta = meta
         return summary
