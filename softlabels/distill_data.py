@@ -154,8 +154,8 @@ def dataset_differences(store: SoftLabelStore, dataset: Any, info: Any | None = 
             if recorded.get(key) is not None and recorded[key] != here:
                 out.append(StoreDifference(key, recorded[key], here))
         if recorded.get("preprocessing") is not None:
-            for path, a, b in _leaf_differences(_json(recorded["preprocessing"]), _json(info.preprocessing), "preprocessing"):
-                out.append(StoreDifference(path, a, b))
+            pre = _leaf_differences(_json(recorded["preprocessing"]), _json(info.preprocessing), "preprocessing")
+            out += [StoreDifference(path, a, b) for path, a, b in pre]
     same_rows = n_here == store.num_samples
     stored_fp = recorded.get("labels_sha256")
     if stored_fp is not None and same_rows:

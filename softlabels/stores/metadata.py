@@ -1,12 +1,18 @@
 """Reading and validating the store's metadata (the JSON under the group attribute
-``softlabels``), and the typed view of it that readers expose."""
+``softlabels``), the typed view of it that readers expose, and the digests that make every
+metadata document tamper-evident."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from softlabels.errors import NotAStoreError, UnsupportedFormatError
 from softlabels.stores import format as fmt
@@ -78,9 +84,6 @@ METADATA_FILE = "zarr.json"
 
 def canonical_sha256(document: Any) -> str:
     """sha256 of a JSON document as canonical JSON (sorted keys, no whitespace, ASCII)."""
-    import hashlib
-    import json
-
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -88,11 +91,6 @@ def canonical_sha256(document: Any) -> str:
 def read_metadata_documents(zstore: Any) -> tuple[dict[str, Any], list[str]]:
     """Every ``zarr.json`` of the store, parsed: ``({key: document}, [problems])``; a document
     that is not valid JSON is a problem naming its key."""
-    import json
-
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     async def _keys() -> list[str]:
         return sorted([k async for k in zstore.list() if k == METADATA_FILE or k.endswith("/" + METADATA_FILE)])
 
@@ -111,8 +109,6 @@ def read_metadata_documents(zstore: Any) -> tuple[dict[str, Any], list[str]]:
 
 
 def _root_without_digest(root: Any) -> Any:
-    import copy
-
     doc = copy.deepcopy(root)
     meta = doc.get("attributes", {}).get(fmt.ATTRS_KEY) if isinstance(doc, dict) else None
     if isinstance(meta, dict):
@@ -123,8 +119,6 @@ def _root_without_digest(root: Any) -> Any:
 def metadata_digests(docs: dict[str, Any], root_meta: dict[str, Any] | None = None) -> dict[str, str]:
     """``{key: sha256}`` of every metadata document; ``root_meta`` replaces the root's
     softlabels attributes (the writer hashes what it is about to write)."""
-    import json
-
     out = {}
     for key, doc in docs.items():
         if key == METADATA_FILE:
@@ -167,7 +161,9 @@ def check_metadata_documents(zstore: Any) -> list[str]:
             if not any(p.startswith(f"metadata {key}:") for p in problems):
                 problems.append(f"metadata {key}: missing")
         elif key not in recorded:
-            problems.append(f"metadata {key}: not recorded in {METADATA_FILE} {METADATA_DIGEST_KEY} (added after finalize)")
+            problems.append(
+                f"metadata {key}: not recorded in {METADATA_FILE} {METADATA_DIGEST_KEY} (added after finalize)"
+            )
         elif recorded[key] != actual[key]:
             problems.append(
                 f"metadata {key}: content differs from the sha256 recorded in {METADATA_FILE} at finalize "

@@ -57,7 +57,8 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
         problems += check_metadata_documents(zstore)
         if not problems:
             raise
-        problems.append(f"metadata zarr.json: the store cannot be opened ({str(exc).split('; run `softlabels verify')[0]})")
+        why = str(exc).split("; run `softlabels verify")[0]
+        problems.append(f"metadata zarr.json: the store cannot be opened ({why})")
         return report
     problems += check_metadata_documents(store._zstore)
     schema = store.schema
@@ -90,7 +91,8 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
     if store.meta.status == "complete" and store.meta.summary is None:
         problems.append("status is 'complete' but the summary statistics are missing")
 
-    # Layer 2: chunks. Constant arrays are single-chunk; per-sample arrays have one shard per unit.
+    # Layers 3 and 4: chunks, then unit digests. Constant arrays are single-chunk; per-sample
+    # arrays have one shard per unit.
     zstore = store._zstore
     for spec in schema.constant_arrays():
         if spec.name not in present or spec.name.startswith("units/"):
