@@ -5,8 +5,9 @@ Row ``i`` of a store is sample ``i`` of the dataset it was dumped from, so a stu
 safe and fast:
 
 * **Safe** -- :func:`check_store_matches` compares the store's recorded dataset identity
-  (sample count, labels fingerprint, classes, spec, split, preprocessing, input hash) with the
-  dataset at hand and raises one :class:`StoreDatasetMismatchError` naming every difference.
+  (sample count, labels fingerprint, classes, spec, split, input shape, preprocessing, input
+  hash) with the dataset at hand and raises one :class:`StoreDatasetMismatchError` naming every
+  difference with the store's value and this run's value.
   ``allow_mismatch=True`` turns the soft differences (labels, spec, split, preprocessing,
   inputs) into warnings; a different sample or class count is never allowed (rows would not
   line up / the student's output layer would not fit).
@@ -38,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,8 @@ __all__ = [
     "VIEW_MODES",
     "DEFAULT_PRELOAD_BYTES",
     "store_dataset_metadata",
+    "StoreDifference",
+    "dataset_differences",
     "check_store_matches",
     "DistillDataset",
     "ConcatDistillDataset",
@@ -97,13 +101,75 @@ def store_dataset_metadata(info: Any) -> dict[str, Any]:
     return meta
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    """``"normalize.mean: 0.1 in the store, 0.2 here"`` for the first differing leaf."""
+@dataclass(frozen=True)
+class StoreDifference:
+    """One recorded dataset property that differs from the dataset at hand. ``hard``
+    differences (sample or class count) cannot be overridden: rows or targets would not fit."""
+
+    field: str
+    store_value: Any
+    run_value: Any
+    hard: bool = False
+    note: str = ""
+
+    def describe(self) -> str:
+        text = f"{self.field} {_shown(self.store_value)} in the store, {_shown(self.run_value)} here"
+        return f"{text} ({self.note})" if self.note else text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "store_value": _json(self.store_value), "run_value": _json(self.run_value)}
+
+
+def _shown(value: Any) -> str:
+    """Values as they read in a message: sha256 digests shortened to 12 hex digits."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    return repr(value)
+
+
+def _leaf_differences(a: Any, b: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """``[("preprocessing.normalize.mean", 0.1, 0.2), ...]``: every differing leaf of two JSON trees."""
     if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
         for key in sorted(set(a) | set(b), key=str):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}{key}.")
-    return f"{path.rstrip('.') or 'value'}: {a!r} in the store, {b!r} here"
+            out += _leaf_differences(a.get(key), b.get(key), f"{path}.{key}")
+        return out
+    return [] if a == b else [(path, a, b)]
+
+
+def dataset_differences(store: SoftLabelStore, dataset: Any, info: Any | None = None) -> list[StoreDifference]:
+    """Every way ``dataset`` (described by ``info``, a DatasetInfo) differs from the dataset
+    ``store`` records: sample and class count (hard), spec, split, input shape,
+    preprocessing, labels fingerprint, inputs fingerprint. Fields the store did not record
+    are not compared; fingerprints only when the sample counts agree."""
+    recorded = dict(store.schema.dataset)
+    n_here = int(info.num_samples) if info is not None else len(dataset)
+    out: list[StoreDifference] = []
+    if n_here != store.num_samples:
+        out.append(StoreDifference("num_samples", store.num_samples, n_here, hard=True))
+    if info is not None and int(info.num_classes) != store.num_classes:
+        out.append(StoreDifference("num_classes", store.num_classes, int(info.num_classes), hard=True))
+    if info is not None:
+        for key, here in (("spec", info.spec), ("split", info.split), ("input_shape", _json(list(info.input_shape)))):
+            if recorded.get(key) is not None and recorded[key] != here:
+                out.append(StoreDifference(key, recorded[key], here))
+        if recorded.get("preprocessing") is not None:
+            pre = _leaf_differences(_json(recorded["preprocessing"]), _json(info.preprocessing), "preprocessing")
+            out += [StoreDifference(path, a, b) for path, a, b in pre]
+    same_rows = n_here == store.num_samples
+    stored_fp = recorded.get("labels_sha256")
+    if stored_fp is not None and same_rows:
+        labels = _labels_of(dataset, info)
+        if labels is None:
+            out.append(StoreDifference("labels_sha256", stored_fp, None, note="this dataset is unlabeled"))
+        elif fmt.labels_fingerprint(labels) != stored_fp:
+            here_fp = fmt.labels_fingerprint(labels)
+            out.append(StoreDifference("labels_sha256", stored_fp, here_fp, note="labels differ in value or order"))
+    if info is not None and same_rows:
+        content = recorded.get("content_sha256")
+        if content is not None and info.content_sha256 is not None and content != info.content_sha256:
+            out.append(StoreDifference("content_sha256", content, info.content_sha256, note="inputs differ"))
+    return out
 
 
 def check_store_matches(
@@ -111,65 +177,25 @@ def check_store_matches(
 ) -> list[str]:
     """Check that ``store`` was dumped from ``dataset`` (described by ``info``, a DatasetInfo).
 
-    Returns warnings (for the caller to print). Raises :class:`StoreDatasetMismatchError`
-    naming every difference; with ``allow_mismatch`` only a different sample or class count
-    raises, the other differences come back as one warning. Fields the store did not record
-    are not compared.
+    Raises :class:`StoreDatasetMismatchError` naming every difference as "<field> <store
+    value> in the store, <this run's value> here". With ``allow_mismatch`` only a different
+    sample or class count raises; the other differences come back as one warning for the
+    caller to print (and :func:`dataset_differences` gives them as records).
     """
-    where = store.location
-    recorded = dict(store.schema.dataset)
-    n_store = store.num_samples
-    n_here = int(info.num_samples) if info is not None else len(dataset)
-    origin = (
-        f"store {where} was dumped from {recorded.get('spec', '<unrecorded dataset>')} "
-        f"split={recorded.get('split', '?')} with {n_store} samples"
-    )
-    hard: list[str] = []
-    soft: list[str] = []
-    if n_here != n_store:
-        hard.append(f"this dataset has {n_here} samples")
-    if info is not None and int(info.num_classes) != store.num_classes:
-        hard.append(f"this dataset has {info.num_classes} classes, the store {store.num_classes}")
-    if info is not None:
-        if recorded.get("spec") is not None and recorded["spec"] != info.spec:
-            soft.append(f"this dataset is {info.spec}")
-        if recorded.get("split") is not None and recorded["split"] != info.split:
-            soft.append(f"this dataset is split={info.split}")
-    labels = _labels_of(dataset, info)
-    stored_fp = recorded.get("labels_sha256")
-    if stored_fp is not None and n_here == n_store:
-        if labels is None:
-            soft.append("this dataset is unlabeled but the store's labels are recorded")
-        else:
-            here_fp = fmt.labels_fingerprint(labels)
-            if here_fp != stored_fp:
-                soft.append(
-                    f"its labels differ in value or order (labels_sha256 {stored_fp[:12]} in the store, "
-                    f"{here_fp[:12]} here)"
-                )
-    if info is not None:
-        pre = recorded.get("preprocessing")
-        if pre is not None and _json(pre) != _json(info.preprocessing):
-            soft.append(f"its preprocessing differs ({_first_difference(_json(pre), _json(info.preprocessing))})")
-        content = recorded.get("content_sha256")
-        known = content is not None and info.content_sha256 is not None
-        if known and n_here == n_store and content != info.content_sha256:
-            soft.append(
-                f"its inputs differ (content_sha256 {content[:12]} in the store, {info.content_sha256[:12]} here)"
-            )
-    if hard:
+    diffs = dataset_differences(store, dataset, info)
+    if not diffs:
+        return []
+    head = f"store {store.location} does not match this run's dataset: " + "; ".join(d.describe() for d in diffs)
+    if any(d.hard for d in diffs):
         raise StoreDatasetMismatchError(
-            f"{origin}; " + "; ".join(hard + soft) + "; a store only pairs with the data it was dumped from "
-            "(re-dump the store for this dataset)"
+            f"{head}; a different sample or class count cannot be overridden (store rows or targets would not "
+            "fit); train on the dataset the store was dumped from, or re-dump the store for this one"
         )
-    if soft and not allow_mismatch:
+    if not allow_mismatch:
         raise StoreDatasetMismatchError(
-            f"{origin}; " + "; ".join(soft) + "; use the same dataset spec and split, or pass --allow-mismatch "
-            "to train anyway"
+            f"{head}; train on the dataset the store was dumped from, or pass --allow-mismatch to train anyway"
         )
-    if soft:
-        return [f"{origin}; " + "; ".join(soft) + "; training anyway (--allow-mismatch)"]
-    return []
+    return [f"{head}; training anyway (--allow-mismatch)"]
 
 
 # --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch import nn
 
 from softlabels.datasets import load_dataset
 from softlabels.distill_data import ConcatDistillDataset, DistillDataset, StoreBatchSampler, make_loader
+from softlabels.distill_data import dataset_differences
 from softlabels.errors import InvalidTargetsError, SpecError
 from softlabels.fit import check_training_args
 from softlabels.losses import build_method, method_class, method_defaults
@@ -102,8 +103,13 @@ def _as_list(store_path: str | Sequence[str] | None) -> list[str]:
     return [str(s) for s in store_path]
 
 
-def _check_same_teacher(stores: list[SoftLabelStore], allow_mismatch: bool, warn: Callable[[str], None]) -> None:
+def _check_same_teacher(
+    stores: list[SoftLabelStore], allow_mismatch: bool, warn: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Refuse stores of different teachers; with ``allow_mismatch`` warn and return the
+    differences (for ``metrics.json``'s ``allowed_mismatch``)."""
     first = stores[0].schema.teacher
+    allowed = []
     for other in stores[1:]:
         t = other.schema.teacher
         for key in ("spec", "checkpoint_sha256", "num_classes"):
@@ -115,7 +121,12 @@ def _check_same_teacher(stores: list[SoftLabelStore], allow_mismatch: bool, warn
                 if not allow_mismatch:
                     raise SpecError(msg + "; train from stores of one teacher, or pass --allow-mismatch")
                 warn(msg + "; training anyway (--allow-mismatch)")
+                allowed.append(
+                    {"store": other.location, "field": f"teacher.{key}", "store_value": t.get(key),
+                     "run_value": first.get(key)}
+                )
                 break
+    return allowed
 
 
 def _eval_batches(dataset: Any, batch_size: int = 1024):
@@ -202,6 +213,7 @@ def train_student(
 
     # -- 1. stores: one per split ------------------------------------------------------
     paths = _as_list(store_path)
+    allowed_mismatch: list[dict[str, Any]] = []  # differences --allow-mismatch let through
     if not paths and _needs_store(method):
         raise SpecError(f"method {method!r} reads teacher targets from a store; pass --store (a `softlabels dump` output)")
     stores = [open_store(p, storage_options=storage_options) for p in paths]
@@ -209,7 +221,7 @@ def train_student(
     if len(set(splits)) != len(splits):
         raise SpecError(f"two stores cover the same split ({', '.join(splits)}); pass one store per split")
     if stores:
-        _check_same_teacher(stores, allow_mismatch, note)
+        allowed_mismatch += _check_same_teacher(stores, allow_mismatch, note)
         classes = {s.num_classes for s in stores}
         if len(classes) > 1:
             raise SpecError(f"the stores have different numbers of classes: {sorted(classes)}")
@@ -280,6 +292,8 @@ def train_student(
     for part in parts:
         for message in part.warnings:
             note(message)
+    for path, (dataset, info), store in zip(paths, loaded, stores):
+        allowed_mismatch += [{"store": path, **d.to_dict()} for d in dataset_differences(store, dataset, info)]
     train_data = parts[0] if len(parts) == 1 else ConcatDistillDataset(parts)
     sampler = StoreBatchSampler(
         train_data, batch_size, shuffle=True if train_data.preloaded_all else "chunks", seed=seed
@@ -408,6 +422,7 @@ def train_student(
         "wall_seconds": time.perf_counter() - wall_start,
         "history": history,
         "warnings": warnings,
+        "allowed_mismatch": allowed_mismatch,
     }
     if method == "hint":
         metrics["hint_mode"] = loss_fn.hparams.get("mode")

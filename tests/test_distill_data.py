@@ -249,9 +249,10 @@ def test_k_and_temperature_are_checked(digits, digits_store):
 def test_mismatched_sample_count_is_refused_even_when_allowed(digits_store):
     test_ds, test_info = load_dataset("digits", "test")
     expected = (
-        f"store {digits_store} was dumped from digits:seed=0,test_samples=360 split=train with 1437 samples; "
-        "this dataset has 360 samples; this dataset is split=test; a store only pairs with the data it was "
-        "dumped from (re-dump the store for this dataset)"
+        f"store {digits_store} does not match this run's dataset: num_samples 1437 in the store, 360 here; "
+        "split 'train' in the store, 'test' here; a different sample or class count cannot be overridden (store "
+        "rows or targets would not fit); train on the dataset the store was dumped from, or re-dump the store "
+        "for this one"
     )
     for allow in (False, True):
         with pytest.raises(StoreDatasetMismatchError) as e:
@@ -266,11 +267,11 @@ def test_other_dataset_spec_is_named(digits_store):
     here = fmt.labels_fingerprint(other_info.labels)[:12]
     stored = open_store(digits_store).schema.dataset
     assert str(e.value) == (
-        f"store {digits_store} was dumped from digits:seed=0,test_samples=360 split=train with 1437 samples; "
-        "this dataset is digits:seed=1,test_samples=360; its labels differ in value or order "
-        f"(labels_sha256 {stored['labels_sha256'][:12]} in the store, {here} here); its inputs differ "
-        f"(content_sha256 {stored['content_sha256'][:12]} in the store, {other_info.content_sha256[:12]} here); "
-        "use the same dataset spec and split, or pass --allow-mismatch to train anyway"
+        f"store {digits_store} does not match this run's dataset: spec 'digits:seed=0,test_samples=360' in the "
+        "store, 'digits:seed=1,test_samples=360' here; "
+        f"labels_sha256 {stored['labels_sha256'][:12]} in the store, {here} here (labels differ in value or order); "
+        f"content_sha256 {stored['content_sha256'][:12]} in the store, {other_info.content_sha256[:12]} here "
+        "(inputs differ); train on the dataset the store was dumped from, or pass --allow-mismatch to train anyway"
     )
 
 
@@ -284,11 +285,11 @@ def test_shuffled_labels_and_preprocessing_mismatch_and_allow(digits, digits_sto
     with pytest.raises(StoreDatasetMismatchError) as e:
         DistillDataset(shuffled, digits_store, info=bad_info, fields=[fmt.TOPK_VALUES])
     msg = str(e.value)
-    assert "; its labels differ in value or order (labels_sha256 " in msg
-    assert "; its preprocessing differs (scale: 'pixel / 16 -> [0, 1]' in the store, 'pixel / 255' here); " in msg
+    assert " here (labels differ in value or order); " in msg and "; labels_sha256 " in msg
+    assert ": preprocessing.scale 'pixel / 16 -> [0, 1]' in the store, 'pixel / 255' here; " in msg
     data = DistillDataset(shuffled, digits_store, info=bad_info, fields=[fmt.TOPK_VALUES], allow_mismatch=True)
     assert len(data.warnings) == 1 and data.warnings[0].endswith("; training anyway (--allow-mismatch)")
-    assert data.warnings[0].startswith(f"store {digits_store} was dumped from digits:seed=0,test_samples=360 split=train")
+    assert data.warnings[0].startswith(f"store {digits_store} does not match this run's dataset: preprocessing.scale")
     assert torch.equal(data.__getitems__([0, 1])["label"], torch.as_tensor(labels[:2]))  # the dataset's labels
 
 

@@ -51,6 +51,31 @@ def store_info(location: str, storage_options: dict | None = None) -> dict[str, 
     }
 
 
+def fidelity_rows(summary: dict[str, Any] | None, labeled: bool, k: int) -> list[tuple[str, str]]:
+    """The table rows of the fidelity figures the writer recorded at finalize (FORMAT.md §3):
+    per stored T the mean and minimum top-k mass, the teacher's top-1 accuracy (top-1 == label)
+    and how often the label is among the stored top-k; over every (sample, view), and for view
+    0 alone when the store has several views."""
+    if summary is None:
+        return [("fidelity", "n/a (store not finalized)")]
+    rows = []
+    scopes = [("", summary)] + ([(" (view 0)", summary["view0"])] if summary.get("view0") else [])
+    for suffix, figures in scopes:
+        for t, mass in (figures.get("topk_mass") or {}).items():
+            rows.append((f"top-k mass T={t}{suffix}", f"mean {mass['mean']:.4f}, min {mass['min']:.4f}"))
+    for suffix, figures in scopes:
+        for key, label in (("teacher_top1_accuracy", "teacher top-1 accuracy"), ("label_in_topk", f"label in top-{k}")):
+            value = figures.get(key)
+            if not labeled:
+                text = "n/a (unlabelled)"
+            elif value is None:
+                text = "not recorded (store written before format 1.1)"
+            else:
+                text = f"{value:.4f}"
+            rows.append((label + suffix, text))
+    return rows
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def info(
@@ -85,11 +110,8 @@ def register(app: typer.Typer) -> None:
         table.add_row("units", f"{data['units_complete']}/{data['units_total']} complete "
                       f"({data['rows_per_shard']:,} rows/shard, {data['rows_per_chunk']:,} rows/chunk)")
         table.add_row("size", f"{data['bytes_on_disk']:,} B ({data['bytes_per_sample']:.1f} B/sample)")
-        summary = data["summary"] or {}
-        for t, mass in (summary.get("topk_mass") or {}).items():
-            table.add_row(f"top-k mass T={t}", f"mean {mass['mean']:.4f}, min {mass['min']:.4f}")
-        if "teacher_top1_accuracy" in summary:
-            table.add_row("teacher top-1 vs labels", f"{summary['teacher_top1_accuracy']:.4f}")
+        for field, value in fidelity_rows(data["summary"], data["labeled"], data["k"]):
+            table.add_row(field, value)
         Console().print(table)
 
     @app.command()

@@ -56,7 +56,9 @@ def register(app: typer.Typer) -> None:
         eval_split: str = typer.Option("test", "--eval-split", help="Held-out split evaluated every epoch."),
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes (0: read in the main process)."),
         allow_mismatch: bool = typer.Option(
-            False, "--allow-mismatch", help="Warn instead of failing when a store's dataset identity differs."
+            False, "--allow-mismatch", help="Train even when the dataset differs from the one a store records (spec, split, "
+            "preprocessing, labels or inputs): prints a warning naming each difference and records them in metrics.json "
+            "(allowed_mismatch). A different sample or class count is always refused."
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         storage_option: list[str] = storage_option_flag(),

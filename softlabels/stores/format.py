@@ -16,7 +16,7 @@ import numpy as np
 from softlabels.errors import InvalidTargetsError
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
 ATTRS_KEY = "softlabels"
 

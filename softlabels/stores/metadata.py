@@ -1,12 +1,18 @@
 """Reading and validating the store's metadata (the JSON under the group attribute
-``softlabels``), and the typed view of it that readers expose."""
+``softlabels``), the typed view of it that readers expose, and the digests that make every
+metadata document tamper-evident."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from softlabels.errors import NotAStoreError, UnsupportedFormatError
 from softlabels.stores import format as fmt
@@ -63,3 +69,112 @@ class StoreMetadata:
     @property
     def dataset(self) -> dict[str, Any]:
         return dict(self.schema.dataset)
+
+
+# -- metadata digests ------------------------------------------------------------------
+# Chunks carry crc32c and units carry sha256, but the JSON documents (zarr.json of the group,
+# of every sub-group and array) carry nothing of their own: a flipped byte in a codec setting or
+# in the recorded dataset identity could go unnoticed. At finalize the writer records the sha256
+# of every zarr.json as canonical JSON (sorted keys, no whitespace) under ``metadata_sha256``;
+# the root document is hashed without that key. Canonical JSON survives a re-serialisation
+# (e.g. a copy through another Zarr library) and still changes with every value.
+METADATA_DIGEST_KEY = "metadata_sha256"
+METADATA_FILE = "zarr.json"
+
+
+def canonical_sha256(document: Any) -> str:
+    """sha256 of a JSON document as canonical JSON (sorted keys, no whitespace, ASCII)."""
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_metadata_documents(zstore: Any) -> tuple[dict[str, Any], list[str]]:
+    """Every ``zarr.json`` of the store, parsed: ``({key: document}, [problems])``; a document
+    that is not valid JSON is a problem naming its key."""
+    async def _keys() -> list[str]:
+        return sorted([k async for k in zstore.list() if k == METADATA_FILE or k.endswith("/" + METADATA_FILE)])
+
+    docs: dict[str, Any] = {}
+    problems: list[str] = []
+    for key in sync(_keys()):
+        buf = sync(zstore.get(key, prototype=default_buffer_prototype()))
+        if buf is None:
+            problems.append(f"metadata {key}: missing")
+            continue
+        try:
+            docs[key] = json.loads(buf.to_bytes())
+        except ValueError as exc:
+            problems.append(f"metadata {key}: not valid JSON ({exc})")
+    return docs, problems
+
+
+def _root_without_digest(root: Any) -> Any:
+    doc = copy.deepcopy(root)
+    meta = doc.get("attributes", {}).get(fmt.ATTRS_KEY) if isinstance(doc, dict) else None
+    if isinstance(meta, dict):
+        meta.pop(METADATA_DIGEST_KEY, None)
+    return doc
+
+
+def metadata_digests(docs: dict[str, Any], root_meta: dict[str, Any] | None = None) -> dict[str, str]:
+    """``{key: sha256}`` of every metadata document; ``root_meta`` replaces the root's
+    softlabels attributes (the writer hashes what it is about to write)."""
+    out = {}
+    for key, doc in docs.items():
+        if key == METADATA_FILE:
+            doc = dict(doc)
+            if root_meta is not None:
+                attrs = dict(doc.get("attributes") or {})
+                attrs[fmt.ATTRS_KEY] = json.loads(json.dumps(root_meta))
+                doc["attributes"] = attrs
+            doc = _root_without_digest(doc)
+        out[key] = canonical_sha256(doc)
+    return out
+
+
+def check_metadata_documents(zstore: Any) -> list[str]:
+    """Problems with the store's JSON documents, each naming the file: not valid JSON, no
+    softlabels metadata, or a document whose canonical sha256 differs from the one recorded at
+    finalize (missing, changed or added after finalize)."""
+    docs, problems = read_metadata_documents(zstore)
+    root = docs.get(METADATA_FILE)
+    if root is None:
+        if not any(p.startswith(f"metadata {METADATA_FILE}:") for p in problems):
+            problems.append(f"metadata {METADATA_FILE}: missing")
+        return problems
+    meta = root.get("attributes", {}).get(fmt.ATTRS_KEY) if isinstance(root, dict) else None
+    if not isinstance(meta, dict):
+        return [*problems, f"metadata {METADATA_FILE}: has no '{fmt.ATTRS_KEY}' attributes"]
+    recorded = meta.get(METADATA_DIGEST_KEY)
+    if recorded is None:
+        if meta.get("status") == "complete" and _minor_at_least(meta.get("format_version"), 1, 1):
+            problems.append(
+                f"metadata {METADATA_FILE}: a complete format-{meta.get('format_version')} store must record "
+                f"'{METADATA_DIGEST_KEY}' but has none"
+            )
+        return problems
+    if not isinstance(recorded, dict):
+        return [*problems, f"metadata {METADATA_FILE}: '{METADATA_DIGEST_KEY}' is not a mapping"]
+    actual = metadata_digests(docs)
+    for key in sorted(set(recorded) | set(actual)):
+        if key not in actual:
+            if not any(p.startswith(f"metadata {key}:") for p in problems):
+                problems.append(f"metadata {key}: missing")
+        elif key not in recorded:
+            problems.append(
+                f"metadata {key}: not recorded in {METADATA_FILE} {METADATA_DIGEST_KEY} (added after finalize)"
+            )
+        elif recorded[key] != actual[key]:
+            problems.append(
+                f"metadata {key}: content differs from the sha256 recorded in {METADATA_FILE} at finalize "
+                "(one of the two was modified)"
+            )
+    return problems
+
+
+def _minor_at_least(version: Any, major: int, minor: int) -> bool:
+    try:
+        a, b = (int(x) for x in str(version).split(".")[:2])
+    except ValueError:
+        return True  # unreadable version: the digest is expected
+    return (a, b) >= (major, minor)

@@ -40,6 +40,13 @@ def open_store(
     )
 
 
+def _frozen(block: np.ndarray) -> np.ndarray:
+    """Buffers the reader keeps are read-only; what it returns are fancy-indexed copies, so a
+    caller that edits a batch never changes the next read."""
+    block.flags.writeable = False
+    return block
+
+
 class SoftLabelStore:
     """A read-only handle on a softlabels store.
 
@@ -74,9 +81,20 @@ class SoftLabelStore:
                 f"{loc} is not a softlabels store (no Zarr v3 group there); point at a store written by "
                 "`softlabels dump`"
             ) from None
+        except (ValueError, TypeError) as exc:  # zarr.json is damaged: not JSON, or not Zarr metadata
+            raise NotAStoreError(
+                f"{loc}: its zarr.json is damaged ({' '.join(str(exc).split())[:200]}); run `softlabels verify {loc}`"
+            ) from None
         self._zstore = store
         self._group = group
-        self.meta = StoreMetadata.from_raw(read_metadata(group, loc))
+        raw = read_metadata(group, loc)
+        try:
+            self.meta = StoreMetadata.from_raw(raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise NotAStoreError(
+                f"{loc}: the softlabels metadata in its zarr.json is damaged ({type(exc).__name__}: {exc}); "
+                f"run `softlabels verify {loc}`"
+            ) from None
         if self.meta.status != "complete" and not self.allow_incomplete:
             raise IncompleteStoreError(
                 f"{loc} is incomplete (status '{self.meta.status}'); finish it with "
@@ -103,7 +121,7 @@ class SoftLabelStore:
         self.cache_bytes = state["cache_bytes"]
         self.storage_options = state["storage_options"]
         self._open()
-        self._memory = state["memory"]
+        self._memory = {name: _frozen(arr) for name, arr in state["memory"].items()}
 
     # -- metadata shortcuts --------------------------------------------------------
     @property
@@ -171,7 +189,7 @@ class SoftLabelStore:
         ]
         for name in names:
             if name not in self._memory:
-                self._memory[name] = self.array(name)[...]
+                self._memory[name] = _frozen(self.array(name)[...])
         return self
 
     def _chunk(self, name: str, chunk: int) -> np.ndarray:
@@ -181,7 +199,7 @@ class SoftLabelStore:
             self._cache.move_to_end(key)
             return block
         rows = self.schema.rows_per_chunk
-        block = self.array(name)[chunk * rows : (chunk + 1) * rows]
+        block = _frozen(self.array(name)[chunk * rows : (chunk + 1) * rows])
         self._cache[key] = block
         self._cache_used += block.nbytes
         while self._cache_used > self.cache_bytes and len(self._cache) > 1:

@@ -1,12 +1,15 @@
 """Full integrity check of a store.
 
-Three independent layers, so that every kind of damage is named:
-1. metadata: every array the schema names exists with the schema's shape and dtype, and the
+Four independent layers, so that every kind of damage is named by the file it is in:
+1. metadata documents: every ``zarr.json`` parses, and its canonical sha256 equals the one the
+   writer recorded at finalize (``metadata_sha256``), so a flipped byte in a codec setting, a
+   shape or the recorded dataset identity is caught;
+2. schema: every array the schema names exists with the schema's shape and dtype, and the
    status agrees with the completion records;
-2. chunks: every stored shard of every array is present (for completed units) and decodes --
+3. chunks: every stored shard of every array is present (for completed units) and decodes --
    the crc32c codec inside each shard rejects flipped bytes, the shard index's own crc32c
-   rejects truncation;
-3. units: every completed unit's arrays re-hash to the sha256 recorded at write time, which also
+   rejects truncation; each ``units/*`` chunk is read on its own so the damaged one is named;
+4. units: every completed unit's arrays re-hash to the sha256 recorded at write time, which also
    catches data that decodes but is not what was written (e.g. a deleted shard read as fill).
 """
 
@@ -18,7 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from zarr.core.sync import sync
 
+from softlabels.errors import InvalidTargetsError, NotAStoreError, UnsupportedFormatError
 from softlabels.stores import format as fmt
+from softlabels.stores.location import open_zarr_store
+from softlabels.stores.metadata import check_metadata_documents
 from softlabels.stores.reader import SoftLabelStore, open_store
 from softlabels.stores.writer import unit_digest
 
@@ -40,11 +46,24 @@ def _shard_key(name: str, spec: fmt.ArraySpec, index: int) -> str:
 
 
 def verify_store(location: str | os.PathLike, *, storage_options: dict | None = None) -> VerifyReport:
-    """Re-read every chunk of the store and check checksums, digests and metadata."""
-    store = open_store(location, allow_incomplete=True, storage_options=storage_options)
+    """Re-read every metadata document and chunk of the store; check checksums and digests."""
     report = VerifyReport(location=str(location))
-    schema = store.schema
     problems = report.problems
+    try:
+        store = open_store(location, allow_incomplete=True, storage_options=storage_options)
+    except (NotAStoreError, UnsupportedFormatError, InvalidTargetsError) as exc:
+        # Damaged root metadata can make the store unopenable: name the damaged file if we can.
+        zstore = open_zarr_store(location, read_only=True, storage_options=storage_options)
+        problems += check_metadata_documents(zstore)
+        if not problems:
+            raise
+        why = str(exc).split("; run `softlabels verify")[0]
+        problems.append(f"metadata zarr.json: the store cannot be opened ({why})")
+        return report
+    problems += check_metadata_documents(store._zstore)
+    schema = store.schema
+    if store.meta.status not in ("writing", "complete"):
+        problems.append(f"status is {store.meta.status!r}, neither 'writing' nor 'complete'")
 
     present: dict[str, fmt.ArraySpec] = {}
     for spec in schema.all_arrays():
@@ -53,6 +72,9 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
         except KeyError:
             problems.append(f"array {spec.name}: missing")
             continue
+        except Exception as exc:  # noqa: BLE001 - its zarr.json is damaged (also named by layer 1)
+            problems.append(f"array {spec.name}: metadata {spec.name}/zarr.json unreadable ({_why(exc)})")
+            continue
         if tuple(arr.shape) != spec.shape or str(arr.dtype) != spec.dtype:
             problems.append(
                 f"array {spec.name}: shape {tuple(arr.shape)} dtype {arr.dtype}, schema says {spec.shape} {spec.dtype}"
@@ -60,12 +82,7 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
             continue
         present[spec.name] = spec
 
-    complete = np.zeros(schema.num_units, dtype=bool)
-    if fmt.UNITS_COMPLETE in present:
-        try:
-            complete = store.completed_units()
-        except Exception as exc:  # noqa: BLE001 - any decode failure is a finding
-            problems.append(f"array {fmt.UNITS_COMPLETE}: unreadable ({_why(exc)})")
+    complete, digests = _unit_records(store, present, problems)
     if store.meta.status == "complete" and not complete.all():
         missing = np.flatnonzero(~complete)
         problems.append(
@@ -74,14 +91,8 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
     if store.meta.status == "complete" and store.meta.summary is None:
         problems.append("status is 'complete' but the summary statistics are missing")
 
-    digests = None
-    if fmt.UNITS_SHA256 in present:
-        try:
-            digests = store.array(fmt.UNITS_SHA256)[...]
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"array {fmt.UNITS_SHA256}: unreadable ({_why(exc)})")
-
-    # Layer 2: chunks. Constant arrays are single-chunk; per-sample arrays have one shard per unit.
+    # Layers 3 and 4: chunks, then unit digests. Constant arrays are single-chunk; per-sample
+    # arrays have one shard per unit.
     zstore = store._zstore
     for spec in schema.constant_arrays():
         if spec.name not in present or spec.name.startswith("units/"):
@@ -113,8 +124,8 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
                 problems.append(f"chunk {key}: {_why(exc)} (unit {unit}, rows {start}..{stop - 1})")
                 unit_bad = True
                 continue
-            if complete[unit] and digests is not None:
-                want = bytes(digests[unit, order.index(spec.name)])
+            if complete[unit] and digests[unit] is not None:
+                want = bytes(digests[unit][order.index(spec.name)])
                 if unit_digest(data) != want:
                     problems.append(
                         f"chunk {key}: content differs from the sha256 recorded at write time "
@@ -124,6 +135,43 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
         if complete[unit] and not unit_bad:
             report.units_checked += 1
     return report
+
+
+def _unit_records(
+    store: SoftLabelStore, present: dict[str, fmt.ArraySpec], problems: list[str]
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Each unit's completion flag and sha256 rows, read chunk by chunk so that a damaged or
+    missing ``units/*`` chunk is named. A complete store must have every chunk; a store being
+    written lacks the chunks of units not recorded yet."""
+    schema = store.schema
+    zstore = store._zstore
+    finished = store.meta.status == "complete"
+    # A complete store promises every unit: a damaged flag chunk is named, and the unit's data is
+    # still checked. In a store being written, an unreadable flag means "not recorded".
+    complete = np.full(schema.num_units, finished and fmt.UNITS_COMPLETE not in present)
+    digests: list[np.ndarray | None] = [None] * schema.num_units
+    for name in (fmt.UNITS_COMPLETE, fmt.UNITS_SHA256):
+        if name not in present:
+            continue
+        spec = present[name]
+        for unit in range(schema.num_units):
+            key = _shard_key(name, spec, unit)
+            if not sync(zstore.exists(key)):
+                if finished or (name == fmt.UNITS_SHA256 and complete[unit]):
+                    problems.append(f"chunk {key}: missing (unit {unit})")
+                    complete[unit] |= finished
+                continue
+            try:
+                value = store.array(name)[unit]
+            except Exception as exc:  # noqa: BLE001 - any decode failure is a finding
+                problems.append(f"chunk {key}: {_why(exc)} (unit {unit})")
+                complete[unit] |= finished
+                continue
+            if name == fmt.UNITS_COMPLETE:
+                complete[unit] = bool(value)
+            else:
+                digests[unit] = np.asarray(value)
+    return complete, digests
 
 
 def _why(exc: Exception) -> str:

@@ -7,8 +7,9 @@ Protocol (mirrors a two-phase commit):
    of every per-sample array, so concurrent writers never touch the same object.
 3. One process (the driver) records each unit with :meth:`mark_complete`: the unit's sha256 row
    first, then its ``units/complete`` flag, which is the commit marker for that unit.
-4. :meth:`finalize` checks every unit is recorded, computes summary statistics and flips the
-   status to ``complete``. Readers refuse anything else.
+4. :meth:`finalize` checks every unit is recorded, computes summary statistics, records the
+   sha256 of every metadata document and flips the status to ``complete``. Readers refuse
+   anything else.
 A crash at any point leaves a store that ``resume`` continues from the last recorded unit.
 """
 
@@ -32,7 +33,7 @@ from softlabels.errors import (
 )
 from softlabels.stores import format as fmt
 from softlabels.stores.location import bytes_on_disk, location_exists, open_zarr_store, remove_location
-from softlabels.stores.metadata import read_metadata
+from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, read_metadata, read_metadata_documents
 
 _DIMENSION_NAMES = {
     fmt.TOPK_VALUES: ("sample", "view", "rank"),
@@ -248,43 +249,64 @@ class StoreWriter:
             summary.update(extra_summary)
         meta = dict(self.meta)
         meta.update(status="complete", completed=_now(), summary=summary)
+        meta.pop(METADATA_DIGEST_KEY, None)
+        docs, _ = read_metadata_documents(self._store)
+        meta[METADATA_DIGEST_KEY] = metadata_digests(docs, root_meta=meta)
         self._group.attrs[fmt.ATTRS_KEY] = meta
         self.meta = meta
         return summary
 
 
 def compute_summary(writer: StoreWriter) -> dict[str, Any]:
-    """Fidelity figures over the whole store, read unit by unit (bounded memory):
-    per stored T the mean/min top-k probability mass; the teacher's top-1 accuracy and
-    per-class agreement with the stored labels when labelled."""
+    """Fidelity figures over the whole store, read unit by unit (bounded memory).
+
+    Per stored T the mean and minimum top-k probability mass (how much of the teacher's
+    distribution the stored classes carry); for labelled stores the teacher's top-1 accuracy
+    (top-1 class == label, i.e. its agreement with the labels) and ``label_in_topk`` (how often
+    the stored top-k contains the label, i.e. how often KD-topk's explicit classes include the
+    true one). Figures are over every (sample, view); stores with several views also get the
+    same figures for view 0 alone under ``view0``. Unlabelled stores record None.
+    """
     schema = writer.schema
     temps = schema.temperatures
-    mass_sum = np.zeros(len(temps))
-    mass_min = np.full(len(temps), np.inf)
-    correct = 0
-    count = 0
+    scopes = {"all": slice(None), "view0": slice(0, 1)} if schema.views > 1 else {"all": slice(None)}
+    acc = {
+        scope: {"mass_sum": np.zeros(len(temps)), "mass_min": np.full(len(temps), np.inf), "count": 0, "top1": 0,
+                "in_topk": 0}
+        for scope in scopes
+    }
     for unit in range(schema.num_units):
         start, stop = schema.unit_range(unit)
         values = writer._array(fmt.TOPK_VALUES)[start:stop].astype(np.float64)  # [n, V, k]
         lse = writer._array(fmt.LOGSUMEXP)[start:stop].astype(np.float64)  # [n, V, T]
-        for j, t in enumerate(temps):
-            mass = np.exp(values / t - lse[..., j : j + 1]).sum(-1)
-            mass_sum[j] += mass.sum()
-            mass_min[j] = min(mass_min[j], float(mass.min()))
-        count += values.shape[0] * values.shape[1]
-        if schema.labeled:
-            top1 = writer._array(fmt.TOPK_INDICES)[start:stop][..., 0]
-            labels = writer._array(fmt.LABELS)[start:stop]
-            correct += int((top1 == labels[:, None]).sum())
-    summary: dict[str, Any] = {
-        "topk_mass": {
-            f"{t:g}": {"mean": float(mass_sum[j] / count), "min": float(mass_min[j])} for j, t in enumerate(temps)
-        },
-        "rows": int(schema.num_samples),
-        "views": int(schema.views),
-    }
-    if schema.labeled:
-        summary["teacher_top1_accuracy"] = correct / count
+        indices = writer._array(fmt.TOPK_INDICES)[start:stop]  # [n, V, k]
+        labels = writer._array(fmt.LABELS)[start:stop][:, None, None] if schema.labeled else None
+        for scope, views in scopes.items():
+            a = acc[scope]
+            for j, t in enumerate(temps):
+                mass = np.exp(values[:, views] / t - lse[:, views, j : j + 1]).sum(-1)
+                a["mass_sum"][j] += mass.sum()
+                a["mass_min"][j] = min(a["mass_min"][j], float(mass.min()))
+            a["count"] += values[:, views].shape[0] * values[:, views].shape[1]
+            if labels is not None:
+                hit = indices[:, views] == labels  # [n, v, k]
+                a["top1"] += int(hit[..., 0].sum())
+                a["in_topk"] += int(hit.any(-1).sum())
+
+    def figures(a: dict[str, Any]) -> dict[str, Any]:
+        n = a["count"]
+        return {
+            "topk_mass": {
+                f"{t:g}": {"mean": float(a["mass_sum"][j] / n), "min": float(a["mass_min"][j])}
+                for j, t in enumerate(temps)
+            },
+            "teacher_top1_accuracy": a["top1"] / n if schema.labeled else None,
+            "label_in_topk": a["in_topk"] / n if schema.labeled else None,
+        }
+
+    summary: dict[str, Any] = {"rows": int(schema.num_samples), "views": int(schema.views), **figures(acc["all"])}
+    if "view0" in acc:
+        summary["view0"] = figures(acc["view0"])
     return summary
 
 
