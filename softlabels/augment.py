@@ -244,11 +244,13 @@ class CropFlip(Policy):
         from torchvision.transforms.v2 import functional as F
 
         size = list(dataset.crop_size)
-        out = []
+        out, decoded = [], {}  # several views of one sample decode its file once
         for r, i in enumerate(np.asarray(index, dtype=np.int64)):
             top, left, h, w = (int(t) for t in params["box"][r])
+            if int(i) not in decoded:
+                decoded[int(i)] = dataset.raw_image(int(i))
             img = F.resized_crop(
-                dataset.raw_image(int(i)), top, left, h, w, size,
+                decoded[int(i)], top, left, h, w, size,
                 interpolation=InterpolationMode.BILINEAR, antialias=True,
             )
             if params["flip"][r]:

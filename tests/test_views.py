@@ -142,6 +142,12 @@ def test_crop_flip_view_replayed_bit_identical(tmp_path, one_torch_thread):
                 ref = F.horizontal_flip(ref)
             ref = (ref.float() / 255 - 0.5) / 0.25
             torch.testing.assert_close(saw[view][row], ref, atol=1e-5, rtol=0)
+    # DataLoader worker processes build the same views: every array identical
+    _dump_in_process(DumpConfig(**{**config.to_dict(), "out": str(tmp_path / "s2"), "loader_workers": 2,
+                                   "temperatures": config.temperatures, "feature_layers": config.feature_layers}))
+    other = open_store(tmp_path / "s2")
+    for spec in store.schema.per_sample_arrays():
+        np.testing.assert_array_equal(store.array(spec.name)[...], other.array(spec.name)[...], err_msg=spec.name)
 
 
 # --------------------------------------------------------------------------------------
@@ -255,3 +261,16 @@ def test_view_and_augment_errors(cli, tmp_path, mnist1d_teacher):
     with pytest.raises(SpecError, match="min_scale/min_ratio"):
         get_policy("crop-flip:min_scale=0.9,max_scale=0.5")
     assert get_student_augment("none") is None
+
+
+def test_from_logits_writes_augmented_store(tmp_path):
+    from softlabels.stores.from_logits import write_store_from_logits
+
+    policy = get_policy("shift1d:max=3")
+    shifts = policy.sample(0, np.arange(300), 2, None)
+    logits = np.random.default_rng(0).normal(size=(300, 2, 6)).astype(np.float32)
+    write_store_from_logits(tmp_path / "s", logits, k=3, labels=np.arange(300) % 6, augmentation=policy.metadata(0),
+                            augment_params=shifts, rows_per_shard=256, rows_per_chunk=128)
+    store = open_store(tmp_path / "s")
+    assert store.schema.per_sample_arrays()[-1].name == "augment/shift" and verify_store(tmp_path / "s").ok
+    np.testing.assert_array_equal(store.read([5, 299], ["augment/shift"], view=1)["augment/shift"], shifts["shift"][[5, 299], 1])
