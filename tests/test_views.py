@@ -274,3 +274,12 @@ def test_from_logits_writes_augmented_store(tmp_path):
     store = open_store(tmp_path / "s")
     assert store.schema.per_sample_arrays()[-1].name == "augment/shift" and verify_store(tmp_path / "s").ok
     np.testing.assert_array_equal(store.read([5, 299], ["augment/shift"], view=1)["augment/shift"], shifts["shift"][[5, 299], 1])
+
+
+def test_replay_path_never_imports_the_teacher():
+    import subprocess
+    import sys
+
+    code = ("import sys, softlabels.augment, softlabels.distill_data, softlabels.train; "
+            "print(sorted(m for m in sys.modules if m.startswith(('softlabels.teachers', 'softlabels.pipelines'))))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         ),
         no_features: bool = typer.Option(False, "--no-features", help="Store no feature arrays."),
         views: int = typer.Option(
-            1, "--views", help="Augmented views per sample (V); each view's parameters and targets are stored. Needs --augment when > 1."
+            1, "--views", help="Augmented views per sample (V); each view's parameters, targets and features are stored, so the store grows "
+            "V-fold (features dominate: add --no-features unless a feature method needs them). Needs --augment when > 1."
         ),
         augment: str = typer.Option(
             "none", "--augment",
