@@ -101,7 +101,7 @@ def test_newer_format_is_refused_by_cli(small_store):
     r = run("info", small_store)
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        f"error: {small_store} uses softlabels store format 2.1, newer than this reader's 1.0; "
+        f"error: {small_store} uses softlabels store format 2.1, newer than this reader's 1.1; "
         "upgrade softlabels (pip install -U softlabels)"
     )
 
