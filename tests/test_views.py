@@ -84,6 +84,15 @@ def test_shift_view_replayed_bit_identical(tmp_path, mnist1d_teacher, one_torch_
         for row in (0, 1, 799):
             assert torch.equal(saw[view][row], torch.roll(dataset.inputs[row], int(shifts[row, view]), -1))
     assert not torch.equal(saw[0], saw[1])
+    # --views random: a view per row, each row rebuilt from its own view's parameters
+    data = DistillDataset(dataset, str(tmp_path / "s"), info=info, fields=[fmt.TOPK_INDICES], views="random", seed=3)
+    batch = data.__getitems__(BatchIndices(range(800), 2))
+    chosen = batch["view"].numpy()
+    assert set(np.unique(chosen)) == {0, 1, 2}
+    expected = torch.stack([saw[int(v)][row] for row, v in enumerate(chosen)])
+    assert torch.equal(batch["input"], expected)
+    np.testing.assert_array_equal(batch["targets"][fmt.TOPK_INDICES].numpy(),
+                                  store.array("topk_indices")[...][np.arange(800), chosen])
 
 
 def _varied_imagefolder(root, count=10):
@@ -216,7 +225,7 @@ def test_train_cli_replays_views_and_student_augment_is_fresh(cli, tmp_path, mni
 
     _dump_in_process(_config(tmp_path / "s", mnist1d_teacher, feature_layers=()))
     code, out, err = cli("train", "--store", tmp_path / "s", "--dataset", MNIST, "--method", "kd", "--epochs", "2",
-                         "--views", "random", "--student-augment", "noise:std=0.01", "--quiet", "--out", tmp_path / "t")
+                         "--views", "random", "--student-augment", "noise:std=0.01", "--workers", "1", "--quiet", "--out", tmp_path / "t")
     assert code == 0, err
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert metrics["replayed_augmentation"] == ["shift1d"] and metrics["student_augment"] == "noise:std=0.01"
