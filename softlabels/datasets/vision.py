@@ -14,7 +14,9 @@ Split folders: when ``/root/<split>`` exists it is used; when the root has none 
 ``val``, ``test``, ``transfer``, the root itself serves every split (e.g. to dump a teacher over
 one folder). The ``transfer`` split is unlabeled: every image file under its folder, recursively,
 in sorted path order; its class count comes from a labelled sibling folder (``train``, ``val``,
-``test``) or from ``num_classes=N``.
+``test``) or from ``num_classes=N``. Every imagefolder split is an :class:`ImageFiles`, which also
+hands augmentation policies the raw decoded image (``dump --augment crop-flip``; crop boxes are in
+the file's own pixels, see docs/FORMAT.md section 7).
 """
 
 from __future__ import annotations
