@@ -267,7 +267,13 @@ class DistillDataset(torch.utils.data.Dataset):
         temperature: which ``logsumexp`` column to deliver (required when it is a field).
         k: deliver only the first k of the stored top-k (None = all; must be <= stored k).
         views: ``"first"`` (view 0), ``"next"`` (view ``epoch % V``) or ``"random"`` (a
-            view per row and epoch, from ``seed``).
+            view per row and epoch, from ``seed``). A store dumped with ``--augment`` records
+            each view's explicit parameters (``augment/*``): the input of a row is then that
+            view rebuilt from the raw sample by the same :mod:`softlabels.augment` code the dump
+            ran, bit-identical to what the teacher saw.
+        student_augment: a student-only augmentation spec (``shift1d:max=N``, ``noise:std=S``,
+            ``flip``), drawn fresh per (seed, epoch, sample) and applied after any replayed
+            view. The teacher never saw it.
         preload: hold the requested non-feature arrays (and features, if they still fit)
             in memory when their total is at most ``preload_bytes``; ``False`` never,
             ``True`` always.
@@ -287,7 +293,10 @@ class DistillDataset(torch.utils.data.Dataset):
         allow_mismatch: bool = False,
         preload: bool | str = "auto",
         preload_bytes: int = DEFAULT_PRELOAD_BYTES,
+        student_augment: str | None = None,
     ) -> None:
+        from softlabels.augment import get_student_augment
+
         self.dataset = dataset
         self.info = info
         self.store = _as_store(store)
@@ -307,6 +316,11 @@ class DistillDataset(torch.utils.data.Dataset):
         self._ready: dict[str, np.ndarray] = {}
         self.preloaded: tuple[str, ...] = ()
         self._n_views, self._single_view = 1, True
+        self._policy: Any = None
+        self._view_params: dict[str, np.ndarray] = {}
+        self.student_augment = get_student_augment(student_augment)
+        if self.student_augment is not None and info is not None:
+            self.student_augment.check_shape(tuple(info.input_shape))
         if self.store is None:
             if self.fields:
                 raise SpecError(f"store fields {list(self.fields)} requested but no store given; pass --store")
@@ -316,9 +330,27 @@ class DistillDataset(torch.utils.data.Dataset):
         self._n_views = self.store.views
         self._single_view = self._n_views == 1 or self.views == "first"
         self.warnings += check_store_matches(self.store, dataset, info, allow_mismatch=allow_mismatch)
+        self._load_view_params()
         self._check_fields()
         if preload:
             self._preload(force=preload is True, budget=int(preload_bytes))
+
+    def _load_view_params(self) -> None:
+        """A store dumped with ``--augment``: its policy and every view's parameters, in memory
+        (a few bytes per row and view) so that a batch's views are one row gather."""
+        from softlabels.augment import policy_from_metadata
+
+        policy = policy_from_metadata(self.store.schema.augmentation)
+        if policy is None:
+            return
+        if self.info is not None:
+            policy.check_dataset(self.dataset, self.info)
+        self._policy = policy
+        self._view_params = {
+            spec.name[len(fmt.AUGMENT_PREFIX) :]: self.store.array(spec.name)[...]
+            for spec in self.store.schema.per_sample_arrays()
+            if spec.name.startswith(fmt.AUGMENT_PREFIX)
+        }
 
     @classmethod
     def for_method(cls, dataset: Any, store: SoftLabelStore | str | None, method: Any, **kwargs: Any) -> DistillDataset:
@@ -450,6 +482,16 @@ class DistillDataset(torch.utils.data.Dataset):
         ys = torch.tensor([int(y) for _, y in items], dtype=torch.int64)
         return xs, ys
 
+    def _labels(self, index: np.ndarray) -> torch.Tensor:
+        """Labels ``[B]`` int64 (-1 = unlabeled) without loading the inputs."""
+        if self._targets is not None:
+            return self._targets.cpu()[torch.from_numpy(index)]
+        if self.info is not None:
+            if self.info.labels is None:
+                return torch.full(index.shape, -1, dtype=torch.int64)
+            return torch.from_numpy(np.asarray(self.info.labels, dtype=np.int64)[index])
+        return self._inputs_labels(index)[1]
+
     def read_targets(self, index: np.ndarray, view: np.ndarray | int) -> dict[str, torch.Tensor]:
         """The batch's targets: one row gather per preloaded field, and one vectorised
         ``store.read`` for all the fields that are not in memory."""
@@ -482,7 +524,13 @@ class DistillDataset(torch.utils.data.Dataset):
         if index.size and (index.min() < 0 or index.max() >= self.num_samples):
             raise IndexError(f"indices must lie in 0..{self.num_samples - 1}")
         view = self.view_for(index, epoch)
-        x, y = self._inputs_labels(index)
+        if self._policy is not None:  # replay the stored view: what the teacher saw
+            params = {name: arr[index, view] for name, arr in self._view_params.items()}
+            x, y = self._policy.build(self.dataset, index, params), self._labels(index)
+        else:
+            x, y = self._inputs_labels(index)
+        if self.student_augment is not None:  # student only: the teacher never saw this
+            x = self.student_augment(x, index, self.seed, epoch)
         if isinstance(view, int):
             view_t = torch.full(index.shape, view, dtype=torch.int64)
         else:

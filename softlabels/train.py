@@ -178,6 +178,7 @@ def train_student(
     progress: bool = True,
     allow_mismatch: bool = False,
     views: str = "first",
+    student_augment: str | None = None,
     num_workers: int = 0,
     warn: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -187,7 +188,9 @@ def train_student(
     ``store_path`` (a path, a list of paths -- one per split, e.g. train + transfer -- or None
     for ``ce``/``ls``). ``temperature`` must be in every store's grid (default: the method's);
     ``k`` uses the first k stored logits (default: all); ``hparams`` are the method's
-    (:func:`softlabels.losses.method_defaults`). Returns the metrics also written to
+    (:func:`softlabels.losses.method_defaults`). A store dumped with ``--augment`` replays its
+    stored views (``views`` picks one per epoch); ``student_augment`` adds a student-only
+    augmentation the teacher never saw (see :mod:`softlabels.augment`). Returns the metrics also written to
     ``out_dir/metrics.json``; the student's ``state_dict`` goes to ``out_dir/student.pt``.
     ``storage_options`` are fsspec options for remote stores (``s3://``, ``http(s)://``).
     """
@@ -285,7 +288,8 @@ def train_student(
         note(f"the stores hold different top-k ({sorted({s.k for s in stores})}); using the first k={k} of each")
     parts = [
         DistillDataset.for_method(
-            dataset, store, loss_fn, info=info, k=k, views=views, seed=seed, allow_mismatch=allow_mismatch
+            dataset, store, loss_fn, info=info, k=k, views=views, seed=seed, allow_mismatch=allow_mismatch,
+            student_augment=student_augment,
         )
         for (dataset, info), store in zip(loaded, stores or [None])
     ]
@@ -408,6 +412,8 @@ def train_student(
         "schedule": "cosine to 0 over all steps",
         "steps": steps,
         "views": views,
+        "replayed_augmentation": [(s.schema.augmentation or {}).get("policy", "none") for s in stores],
+        "student_augment": None if parts[0].student_augment is None else parts[0].student_augment.spec,
         "dataset": infos[0].spec,
         "train_splits": splits,
         "train_samples": len(train_data),

@@ -35,6 +35,16 @@ def register(app: typer.Typer) -> None:
             None, "--feature-layer", help="Module whose output to store (repeatable). Default: the classifier's input ('penultimate')."
         ),
         no_features: bool = typer.Option(False, "--no-features", help="Store no feature arrays."),
+        views: int = typer.Option(
+            1, "--views", help="Augmented views per sample (V); each view's parameters, targets and features are stored, so the store grows "
+            "V-fold (features dominate: add --no-features unless a feature method needs them). Needs --augment when > 1."
+        ),
+        augment: str = typer.Option(
+            "none", "--augment",
+            help="Augmentation policy whose explicit parameters are stored per (sample, view): none, shift1d[:max=6] (1-D signals), "
+            "crop-flip[:min_scale=0.08,...] (imagefolder). See docs/FORMAT.md 'Augmentation'.",
+        ),
+        augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the augmentation parameters (keyed by seed, sample, view)."),
         value_dtype: str = typer.Option("float16", help="Storage dtype of logits: float16 or float32."),
         batch_size: int = typer.Option(256, help="Teacher batch size."),
         loader_workers: int = typer.Option(0, help="DataLoader worker processes per Ray worker (for decoding images)."),
@@ -54,11 +64,15 @@ def register(app: typer.Typer) -> None:
             raise SoftlabelsError(f"--workers must be at least 1, got {workers}")
         if value_dtype not in ("float16", "float32"):
             raise SoftlabelsError(f"--value-dtype must be float16 or float32, got {value_dtype!r}")
+        from softlabels.pipelines.dump import check_views
+
+        check_views(views, augment)
         layers = () if no_features else tuple(feature_layer or (PENULTIMATE,))
         config = DumpConfig(
             teacher=teacher, dataset=dataset, out=out, weights=weights, split=split, k=k,
             temperatures=parse_temperatures(temperatures), feature_layers=layers, value_dtype=value_dtype,
-            batch_size=batch_size, loader_workers=loader_workers, storage_options=parse_storage_options(storage_option),
+            batch_size=batch_size, loader_workers=loader_workers, views=views, augment=augment,
+            augment_seed=augment_seed, storage_options=parse_storage_options(storage_option),
         )
         console = Console(stderr=True)
         progress = Progress(

@@ -52,7 +52,16 @@ def register(app: typer.Typer) -> None:
         hparam: list[str] = typer.Option(
             None, "--hparam", help="Method hyperparameter KEY=VALUE (repeatable), e.g. ce_weight=0 or mode=two-stage."
         ),
-        views: str = typer.Option("first", "--views", help="Stores with several views: first, next (per epoch) or random."),
+        views: str = typer.Option(
+            "first", "--views",
+            help="Stores with several views: first, next (per epoch) or random. A store dumped with --augment replays "
+            "the chosen view's stored parameters, so the student sees exactly what the teacher saw.",
+        ),
+        student_augment: str = typer.Option(
+            None, "--student-augment",
+            help="STUDENT-ONLY augmentation, NOT seen by the teacher, fresh per epoch and applied after any replayed "
+            "view: shift1d[:max=6], noise[:std=0.05] or flip[:p=0.5].",
+        ),
         eval_split: str = typer.Option("test", "--eval-split", help="Held-out split evaluated every epoch."),
         workers: int = typer.Option(0, "--workers", help="DataLoader worker processes (0: read in the main process)."),
         allow_mismatch: bool = typer.Option(
@@ -88,6 +97,7 @@ def register(app: typer.Typer) -> None:
             progress=not quiet,
             allow_mismatch=allow_mismatch,
             views=views,
+            student_augment=student_augment,
             num_workers=workers,
             storage_options=parse_storage_options(storage_option),
             warn=lambda message: err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True),

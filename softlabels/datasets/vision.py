@@ -14,7 +14,9 @@ Split folders: when ``/root/<split>`` exists it is used; when the root has none 
 ``val``, ``test``, ``transfer``, the root itself serves every split (e.g. to dump a teacher over
 one folder). The ``transfer`` split is unlabeled: every image file under its folder, recursively,
 in sorted path order; its class count comes from a labelled sibling folder (``train``, ``val``,
-``test``) or from ``num_classes=N``.
+``test``) or from ``num_classes=N``. Every imagefolder split is an :class:`ImageFiles`, which also
+hands augmentation policies the raw decoded image (``dump --augment crop-flip``; crop boxes are in
+the file's own pixels, see docs/FORMAT.md section 7).
 """
 
 from __future__ import annotations
@@ -124,11 +126,30 @@ def load_torchvision(name: str, rest: str, split: str) -> tuple[torch.utils.data
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Unlabeled images from an explicit, sorted list of paths; item ``i`` is ``(x, -1)``."""
+    """Images from an explicit, sorted list of paths; item ``i`` is ``(transform(image), label)``
+    (label -1 when unlabeled).
 
-    def __init__(self, paths: list[str], transform) -> None:
+    Also gives augmentation policies (:mod:`softlabels.augment`) the raw decoded image
+    (:meth:`raw_image`, uint8 ``[3, H, W]``), its size without decoding (:meth:`image_size`) and
+    the eval normalisation (:meth:`finish_image`), so a crop box in source pixels can be applied
+    identically at dump and at training time.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        transform,
+        labels: list[int] | None = None,
+        *,
+        crop_size: tuple[int, int] = (224, 224),
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.labels = None if labels is None else [int(y) for y in labels]
+        self.crop_size = tuple(crop_size)
+        self.mean, self.std = list(mean), list(std)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -136,7 +157,29 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from torchvision.datasets.folder import pil_loader
 
-        return self.transform(pil_loader(self.paths[index])), -1
+        label = -1 if self.labels is None else self.labels[index]
+        return self.transform(pil_loader(self.paths[index])), label
+
+    def raw_image(self, index: int) -> torch.Tensor:
+        """The decoded RGB image as uint8 ``[3, H, W]`` (PIL decode, as the eval path)."""
+        from torchvision.datasets.folder import pil_loader
+        from torchvision.transforms.v2 import functional as F
+
+        return F.pil_to_tensor(pil_loader(self.paths[index]))
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) from the file header, without decoding the pixels."""
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as img:
+            width, height = img.size
+        return int(height), int(width)
+
+    def finish_image(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[3, h, w]`` -> float32 in [0, 1] -> Normalize(mean, std): the eval path's tail."""
+        from torchvision.transforms.v2 import functional as F
+
+        return F.normalize(F.to_dtype(image, torch.float32, scale=True), self.mean, self.std)
 
 
 def _image_files(folder: str) -> list[str]:
@@ -195,6 +238,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
         ]
     )
     dataset: torch.utils.data.Dataset
+    raw_kwargs = {"crop_size": (params["crop"], params["crop"]), "mean": params["mean"], "std": params["std"]}
     if split == "transfer":
         paths = _image_files(folder)
         if not paths:
@@ -208,14 +252,15 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
                 f"imagefolder: the transfer split under {root} has no labelled sibling folder to take the "
                 "class count from; add ?num_classes=N to the spec"
             )
-        dataset, labels = ImageFiles(paths, transform), None
+        dataset, labels = ImageFiles(paths, transform, **raw_kwargs), None
     else:
         try:
-            dataset = datasets.ImageFolder(folder, transform=transform)
+            folder_data = datasets.ImageFolder(folder)
         except FileNotFoundError as exc:
             raise SpecError(f"imagefolder: {exc} (expected one sub-folder of images per class)") from None
-        labels = np.asarray(dataset.targets, dtype=np.int64)
-        num_classes = len(dataset.classes)
+        labels = np.asarray(folder_data.targets, dtype=np.int64)
+        num_classes = len(folder_data.classes)
+        dataset = ImageFiles([path for path, _ in folder_data.samples], transform, labels.tolist(), **raw_kwargs)
         if params["num_classes"] and params["num_classes"] != num_classes:
             raise SpecError(
                 f"imagefolder: num_classes={params['num_classes']} but {folder} has {num_classes} class folders"

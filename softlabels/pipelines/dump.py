@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.errors import InvalidTargetsError, SoftlabelsError, StoreExistsError
+from softlabels.errors import InvalidTargetsError, SoftlabelsError, SpecError, StoreExistsError
 from softlabels.pipelines.predictor import DumpConfig, TeacherPredictor
 from softlabels.stores import format as fmt
 from softlabels.stores.location import HTTP_READ_ONLY, is_http, is_remote, location_exists, resolve_storage_options
@@ -58,6 +58,20 @@ def check_output(out: str, *, resume: bool, overwrite: bool, storage_options: di
             raise SoftlabelsError(f"cannot write {out}: {parent} is not writable; choose a writable --out")
 
 
+def check_views(views: int, augment: str | None) -> None:
+    """Cheap checks of ``--views``/``--augment`` before the teacher is loaded."""
+    from softlabels.augment import get_policy
+
+    if views < 1:
+        raise SpecError(f"--views must be at least 1, got {views}")
+    policy = get_policy(augment)  # unknown policy -> SpecError listing the known ones
+    if views > 1 and policy.name == "none":
+        raise SpecError(
+            f"--views {views} without --augment would store {views} identical views; pass --augment POLICY "
+            "(e.g. shift1d for mnist1d, crop-flip for imagefolder) or --views 1"
+        )
+
+
 def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.StoreSchema, np.ndarray, np.ndarray | None]:
     """The store schema and the teacher classifier, from one probe forward pass."""
     from softlabels.teachers import classifier_parameters
@@ -75,6 +89,11 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
             f"k={config.k} is outside 1..{num_classes} (the teacher has {num_classes} classes); "
             f"pass --k between 1 and {num_classes}"
         )
+    check_views(config.views, config.augment)
+    predictor.policy.check_dataset(predictor.dataset, info)
+    augmentation = None
+    if predictor.augmented:
+        augmentation = predictor.policy.metadata(config.augment_seed)
     weight, bias = classifier_parameters(teacher)
     dataset = info.to_dict()
     dataset["labels_sha256"] = fmt.labels_fingerprint(info.labels) if info.labels is not None else None
@@ -86,7 +105,7 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
         num_classes=num_classes,
         k=config.k,
         temperatures=tuple(config.temperatures),
-        views=1,
+        views=config.views,
         labeled=info.labels is not None,
         value_dtype=config.value_dtype,
         features=tuple(probe["features"].items()),
@@ -96,6 +115,7 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
         rows_per_chunk=config.rows_per_chunk,
         teacher=teacher_meta,
         dataset=dataset,
+        augmentation=augmentation,
     )
     return schema, weight, bias
 
@@ -119,6 +139,7 @@ def run_dump(
     # endpoint and credentials, whatever their own environment holds.
     config = replace(config, storage_options=resolve_storage_options(config.out, config.storage_options))
     check_output(config.out, resume=resume, overwrite=overwrite, storage_options=config.storage_options)
+    check_views(config.views, config.augment)
     t0 = time.perf_counter()
     predictor = TeacherPredictor(config, device=torch.device("cpu"))
     schema, weight, bias = plan_store(config, predictor)

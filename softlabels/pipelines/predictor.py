@@ -39,6 +39,9 @@ class DumpConfig:
     threads_per_worker: int = 0
     rows_per_shard: int = 0
     rows_per_chunk: int = 0
+    views: int = 1  # V augmented views per sample (``augment`` says how they are drawn)
+    augment: str = "none"  # a softlabels.augment policy spec, e.g. "shift1d:max=6"
+    augment_seed: int = 0  # parameters of (sample i, view v) depend only on (augment_seed, i, v)
     # fsspec options for a remote ``out`` (endpoint, credentials): travel to the workers with the
     # config because they may not share the driver's environment; never shown nor serialised.
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
@@ -86,6 +89,25 @@ def load_inputs(config: DumpConfig) -> Loaded:
     return Loaded(dataset, info, teacher)
 
 
+class _SampleViews(torch.utils.data.Dataset):
+    """Item ``j`` = sample ``start + j``: its index, its V views' parameters and the V views
+    ``[V, ...]`` built by the policy (what a DataLoader worker computes for a file dataset)."""
+
+    def __init__(self, dataset: Any, policy: Any, seed: int, views: int, start: int, stop: int) -> None:
+        self.dataset, self.policy, self.seed, self.views = dataset, policy, seed, views
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int):
+        i = self.start + j
+        raw = self.policy.sample(self.seed, np.array([i]), self.views, self.dataset)
+        params = {fmt.AUGMENT_PREFIX + name: arr[0] for name, arr in raw.items()}
+        x = self.policy.build(self.dataset, np.full(self.views, i), {name: arr[0] for name, arr in raw.items()})
+        return i, params, x
+
+
 class TeacherPredictor:
     """Holds teacher + dataset; :meth:`predict_unit` returns a unit's fields as numpy arrays."""
 
@@ -107,6 +129,10 @@ class TeacherPredictor:
         self._layers = list(layers)
         self.labeled = self.info.labels is not None
         self._writer: StoreWriter | None = None
+        from softlabels.augment import get_policy
+
+        self.policy = get_policy(config.augment)
+        self.augmented = config.views > 1 or self.policy.name != "none"
 
     def loaded(self) -> Loaded:
         return Loaded(self.dataset, self.info, self.teacher)
@@ -135,8 +161,63 @@ class TeacherPredictor:
         # in the order the user named the layers, not the order their hooks fired
         return logits.float(), {name: rec.features[name].float() for name in self._layers}
 
+    def view_params(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """Explicit augmentation parameters ``{augment/<name>: [n, V, ...]}`` for samples ``index``."""
+        params = self.policy.sample(self.config.augment_seed, index, self.config.views, self.dataset)
+        return {fmt.AUGMENT_PREFIX + name: arr for name, arr in params.items()}
+
+    def views_for(self, index: np.ndarray, params: dict[str, np.ndarray], view: int) -> torch.Tensor:
+        """The inputs the teacher sees for view ``view`` of samples ``index``: the policy's
+        ``build`` -- the same function the trainer replays the stored parameters with."""
+        one = {name[len(fmt.AUGMENT_PREFIX):]: arr[:, view] for name, arr in params.items()}
+        return self.policy.build(self.dataset, index, one)
+
+    def _view_batches(self, start: int, stop: int):
+        """``(index, params, views)`` per batch; ``views(v)`` gives view v's inputs. In-memory
+        datasets build a view as one vectorised op; file datasets (images) build all V views of
+        a sample in a DataLoader item (decoding the file once), in ``loader_workers`` processes."""
+        in_memory = isinstance(getattr(self.dataset, "inputs", None), torch.Tensor)
+        if in_memory:
+            for s in range(start, stop, self.config.batch_size):
+                index = np.arange(s, min(s + self.config.batch_size, stop), dtype=np.int64)
+                params = self.view_params(index)
+                yield index, params, lambda view, index=index, params=params: self.views_for(index, params, view)
+            return
+        items = _SampleViews(self.dataset, self.policy, self.config.augment_seed, self.config.views, start, stop)
+        loader = torch.utils.data.DataLoader(
+            items, batch_size=self.config.batch_size, shuffle=False, num_workers=self.config.loader_workers
+        )
+        for index, params, x in loader:
+            yield index.numpy(), {k: v.numpy() for k, v in params.items()}, lambda view, x=x: x[:, view]
+
+    def _predict_views(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Fields for rows ``[start, stop)`` with V augmented views each, plus their parameters."""
+        parts: dict[str, list[np.ndarray]] = {}
+        labels_all = None
+        if self.labeled:
+            labels_all = torch.as_tensor(self.info.labels[start:stop], dtype=torch.long)
+        for index, params, views in self._view_batches(start, stop):
+            per_view: dict[str, list[np.ndarray]] = {}
+            for view in range(self.config.views):
+                logits, feats = self.forward(views(view))
+                lab = None if labels_all is None else labels_all[index - start].to(logits.device)
+                fields = summarize_logits(logits, self.config.k, self.config.temperatures, lab)
+                fields.update({fmt.FEATURES_PREFIX + name: f for name, f in feats.items()})
+                for name, t in fields.items():
+                    per_view.setdefault(name, []).append(t.cpu().numpy())
+            for name, views in per_view.items():
+                parts.setdefault(name, []).append(np.stack(views, axis=1))
+            for name, arr in params.items():
+                parts.setdefault(name, []).append(arr)
+        out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+        if labels_all is not None:
+            out[fmt.LABELS] = labels_all.numpy()
+        return out
+
     def predict_unit(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Fields for rows ``[start, stop)``: view axis of size 1, labels when labelled."""
+        """Fields for rows ``[start, stop)``: view axis of size V, labels when labelled."""
+        if self.augmented:
+            return self._predict_views(start, stop)
         parts: dict[str, list[np.ndarray]] = {}
         labels_all = None
         if self.labeled:

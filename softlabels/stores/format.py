@@ -16,7 +16,7 @@ import numpy as np
 from softlabels.errors import InvalidTargetsError
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.1"  # 1.1: metadata_sha256, label_in_topk; optional augment/<param> arrays (multi-view dumps)
 FORMAT_MAJOR = 1
 ATTRS_KEY = "softlabels"
 
@@ -26,6 +26,8 @@ LOGSUMEXP = "logsumexp"
 LABEL_LOGIT = "label_logit"
 LABELS = "labels"
 FEATURES_PREFIX = "features/"
+AUGMENT_PREFIX = "augment/"
+AUGMENT_DTYPES = ("uint8", "int16", "int32")
 CLASSIFIER_WEIGHT = "teacher/classifier_weight"
 CLASSIFIER_BIAS = "teacher/classifier_bias"
 UNITS_COMPLETE = "units/complete"
@@ -133,6 +135,11 @@ class StoreSchema:
         object.__setattr__(self, "dataset", dict(self.dataset))
         if self.augmentation is not None:
             object.__setattr__(self, "augmentation", dict(self.augmentation))
+            for name, spec in dict(self.augmentation.get("arrays", {})).items():
+                if not name or "/" in name or spec.get("dtype") not in AUGMENT_DTYPES:
+                    raise InvalidTargetsError(
+                        f"bad augmentation array {name!r} {spec!r}: names are plain, dtypes one of {AUGMENT_DTYPES}"
+                    )
 
     # -- derived layout -------------------------------------------------------------
     @property
@@ -174,7 +181,14 @@ class StoreSchema:
             specs.append(spec(LABELS, (), "int32"))
         for name, dim in self.features:
             specs.append(spec(FEATURES_PREFIX + name, (v, dim), FEATURE_DTYPE))
+        for name, aug in dict((self.augmentation or {}).get("arrays", {})).items():
+            specs.append(spec(AUGMENT_PREFIX + name, (v, *(int(d) for d in aug["shape"])), str(aug["dtype"])))
         return specs
+
+    def logical_bytes_per_sample(self) -> int:
+        """Uncompressed bytes of one row over all per-sample arrays (docs/FORMAT.md gives the
+        formula: linear in V for everything but ``labels``)."""
+        return sum(math.prod(a.shape[1:]) * np.dtype(a.dtype).itemsize for a in self.per_sample_arrays())
 
     def constant_arrays(self) -> list[ArraySpec]:
         """Arrays written once: teacher classifier and the completion records."""

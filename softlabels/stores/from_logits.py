@@ -31,9 +31,14 @@ def write_store_from_logits(
     rows_per_shard: int = 0,
     rows_per_chunk: int = 0,
     overwrite: bool = False,
+    augmentation: Mapping[str, Any] | None = None,
+    augment_params: Mapping[str, np.ndarray] | None = None,
 ) -> StoreWriter:
     """Write a complete store. ``logits`` is ``[N, C]`` or ``[N, V, C]``; ``features[name]`` is
-    ``[N, D]`` or ``[N, V, D]``; ``labels`` is ``[N]`` (None for a transfer set)."""
+    ``[N, D]`` or ``[N, V, D]``; ``labels`` is ``[N]`` (None for a transfer set).
+    ``augmentation`` is the ``schema.augmentation`` record (e.g. a
+    :meth:`softlabels.augment.Policy.metadata`) and ``augment_params[name]`` its ``[N, V, ...]``
+    parameter arrays (docs/FORMAT.md section 7)."""
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
     if z.ndim == 2:
         z = z.unsqueeze(1)
@@ -59,6 +64,7 @@ def write_store_from_logits(
         rows_per_chunk=rows_per_chunk,
         teacher=dict(teacher or {"spec": "logits"}),
         dataset=ds,
+        augmentation=augmentation,
     )
     writer = StoreWriter.create(
         location, schema, classifier_weight=classifier_weight, classifier_bias=classifier_bias, overwrite=overwrite
@@ -71,6 +77,8 @@ def write_store_from_logits(
             fields[fmt.LABELS] = labels[start:stop]
         for name, arr in feats.items():
             fields[fmt.FEATURES_PREFIX + name] = arr[start:stop]
+        for name, arr in (augment_params or {}).items():
+            fields[fmt.AUGMENT_PREFIX + name] = np.asarray(arr)[start:stop]
         writer.mark_complete(unit, writer.write_unit(unit, fields))
     writer.finalize()
     return writer
