@@ -227,6 +227,9 @@ def test_train_cli_replays_views_and_student_augment_is_fresh(cli, tmp_path, mni
     code, out, err = cli("train", "--store", tmp_path / "s", "--dataset", MNIST, "--method", "kd", "--epochs", "2",
                          "--views", "random", "--student-augment", "noise:std=0.01", "--workers", "1", "--quiet", "--out", tmp_path / "t")
     assert code == 0, err
+    code, out, err = cli("info", tmp_path / "s")
+    assert code == 0, err
+    assert "augmentation" in out and "shift1d:max=5 seed=11 (augment/shift)" in " ".join(out.split())
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert metrics["replayed_augmentation"] == ["shift1d"] and metrics["student_augment"] == "noise:std=0.01"
     assert 0.0 <= metrics["test_accuracy"] <= 1.0

@@ -107,6 +107,12 @@ def register(app: typer.Typer) -> None:
         table.add_row("dataset", f"{ds.get('spec', '?')} split={ds.get('split', '?')}")
         if ds.get("labels_sha256"):
             table.add_row("labels sha256", str(ds["labels_sha256"])[:16])
+        aug = data["augmentation"]
+        if aug:
+            params = ",".join(f"{key}={value}" for key, value in dict(aug.get("params") or {}).items())
+            arrays = ", ".join(f"augment/{name}" for name in dict(aug.get("arrays") or {}))
+            table.add_row("augmentation", f"{aug.get('policy')}{':' + params if params else ''} seed={aug.get('seed')} "
+                          f"({arrays or 'no arrays'})")
         table.add_row("units", f"{data['units_complete']}/{data['units_total']} complete "
                       f"({data['rows_per_shard']:,} rows/shard, {data['rows_per_chunk']:,} rows/chunk)")
         table.add_row("size", f"{data['bytes_on_disk']:,} B ({data['bytes_per_sample']:.1f} B/sample)")
