@@ -101,12 +101,11 @@ class ParamArray:
     dtype: str
 
 
-class Policy:
-    """Base class: a named policy with validated parameters (see the module docstring)."""
+class _Named:
+    """A registry entry with validated parameters; ``spec`` is how a user writes it back."""
 
     name = ""
     schema: dict[str, Param] = {}
-    arrays: tuple[ParamArray, ...] = ()
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = dict(params)
@@ -115,6 +114,12 @@ class Policy:
     def spec(self) -> str:
         text = format_params(self.params)
         return f"{self.name}:{text}" if text else self.name
+
+
+class Policy(_Named):
+    """Base class: a named policy with validated parameters (see the module docstring)."""
+
+    arrays: tuple[ParamArray, ...] = ()
 
     def metadata(self, seed: int) -> dict[str, Any]:
         """What a store records in ``schema.augmentation``."""
@@ -295,19 +300,8 @@ def policy_from_metadata(meta: Mapping[str, Any] | None) -> Policy | None:
 # --------------------------------------------------------------------------------------
 # Student-only extras: fresh per (seed, epoch, sample); the teacher never saw them
 # --------------------------------------------------------------------------------------
-class StudentAugment:
+class StudentAugment(_Named):
     """Applied to the model input after any replayed view. NOT seen by the teacher."""
-
-    name = ""
-    schema: dict[str, Param] = {}
-
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        self.params = dict(params)
-
-    @property
-    def spec(self) -> str:
-        text = format_params(self.params)
-        return f"{self.name}:{text}" if text else self.name
 
     def check_shape(self, input_shape: tuple[int, ...]) -> None:
         pass

@@ -17,6 +17,8 @@ from softlabels.stores import open_store
 from softlabels.stores.verify import verify_store
 from softlabels.stores.writer import StoreWriter
 
+from assertions import one_line_error
+
 MNIST = "mnist1d:num_samples=1000"  # 800 train rows: 13 units of 64 rows with the layout below
 
 
@@ -248,28 +250,22 @@ def test_train_cli_replays_views_and_student_augment_is_fresh(cli, tmp_path, mni
 # --------------------------------------------------------------------------------------
 # mistakes: one line, exit 2, no store
 # --------------------------------------------------------------------------------------
-def _one_line_error(code, out, err, *fragments):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_view_and_augment_errors(cli, tmp_path, mnist1d_teacher):
     base = ["dump", "--teacher", "builtin:cnn", "--weights", mnist1d_teacher, "--dataset", MNIST,
             "--out", tmp_path / "s", "--quiet", "--workers", "1"]
-    _one_line_error(*cli(*base, "--views", "0"), "--views must be at least 1")
-    _one_line_error(*cli(*base, "--views", "4"), "without --augment", "--augment POLICY")
-    _one_line_error(*cli(*base, "--views", "2", "--augment", "rotate"), "unknown augmentation policy 'rotate'",
+    one_line_error(*cli(*base, "--views", "0"), "--views must be at least 1")
+    one_line_error(*cli(*base, "--views", "4"), "without --augment", "--augment POLICY")
+    one_line_error(*cli(*base, "--views", "2", "--augment", "rotate"), "unknown augmentation policy 'rotate'",
                     "shift1d", "crop-flip")
-    _one_line_error(*cli(*base, "--views", "2", "--augment", "shift1d:max=x"), "max must be an integer")
-    _one_line_error(*cli(*base, "--views", "2", "--augment", "shift1d:max=40"), "below the signal length 40")
-    _one_line_error(*cli(*base, "--views", "2", "--augment", "crop-flip"), "crop-flip needs images", "shift1d")
+    one_line_error(*cli(*base, "--views", "2", "--augment", "shift1d:max=x"), "max must be an integer")
+    one_line_error(*cli(*base, "--views", "2", "--augment", "shift1d:max=40"), "below the signal length 40")
+    one_line_error(*cli(*base, "--views", "2", "--augment", "crop-flip"), "crop-flip needs images", "shift1d")
     assert not (tmp_path / "s").exists()
     train = ["train", "--dataset", MNIST, "--method", "ce", "--epochs", "1", "--quiet", "--out", tmp_path / "t"]
-    _one_line_error(*cli(*train, "--student-augment", "flip"), "flip needs images")
-    _one_line_error(*cli(*train, "--student-augment", "jitter"), "unknown student augmentation 'jitter'", "noise")
+    one_line_error(*cli(*train, "--student-augment", "flip"), "flip needs images")
+    one_line_error(*cli(*train, "--student-augment", "jitter"), "unknown student augmentation 'jitter'", "noise")
     with pytest.raises(SpecError, match="min_scale/min_ratio"):
         get_policy("crop-flip:min_scale=0.9,max_scale=0.5")
     assert get_student_augment("none") is None

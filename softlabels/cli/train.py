@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from softlabels.cli.options import parse_storage_options, storage_option_flag
-from softlabels.errors import SpecError
+from softlabels.cli.options import parse_key_values, parse_storage_options, storage_option_flag
 
 METHODS = "ce, ls, kd, kd-topk, kd-pt, kd-sim, kd-pt+sim, hint"
 
 
 def parse_hparams(items: list[str] | None) -> dict[str, Any]:
-    """``["ce_weight=0", "mode=two-stage"]`` -> ``{"ce_weight": 0, "mode": "two-stage"}``
-    (values are JSON when they parse as JSON, strings otherwise)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, eq, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or not key:
-            raise SpecError(f"--hparam expects KEY=VALUE, got '{item}'")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw.strip()
-    return out
+    """``["ce_weight=0", "mode=two-stage"]`` -> ``{"ce_weight": 0, "mode": "two-stage"}``."""
+    return parse_key_values(items, "--hparam", dashes_to_underscores=True)
 
 
 def register(app: typer.Typer) -> None:
