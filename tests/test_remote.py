@@ -53,6 +53,10 @@ def http_root(tmp_path_factory):
         def log_message(self, *args):
             pass
 
+        def list_directory(self, path):  # like S3 website hosting or nginx without autoindex
+            self.send_error(404, "directory listing disabled")
+            return None
+
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -16,6 +16,7 @@ from zarr.core.sync import sync
 
 from softlabels.errors import NotAStoreError, UnsupportedFormatError
 from softlabels.stores import format as fmt
+from softlabels.stores.location import store_keys
 
 
 def read_metadata(group: zarr.Group, location: str, *, check_version: bool = True) -> dict[str, Any]:
@@ -91,12 +92,13 @@ def canonical_sha256(document: Any) -> str:
 def read_metadata_documents(zstore: Any) -> tuple[dict[str, Any], list[str]]:
     """Every ``zarr.json`` of the store, parsed: ``({key: document}, [problems])``; a document
     that is not valid JSON is a problem naming its key."""
-    async def _keys() -> list[str]:
-        return sorted([k async for k in zstore.list() if k == METADATA_FILE or k.endswith("/" + METADATA_FILE)])
-
+    try:  # plain HTTP cannot list: store_keys derives the keys from the root's schema instead
+        keys = sorted(k for k in store_keys(zstore) if k == METADATA_FILE or k.endswith("/" + METADATA_FILE))
+    except (ValueError, KeyError, TypeError, AttributeError):  # that root document is itself damaged: it alone is named
+        keys = [METADATA_FILE]
     docs: dict[str, Any] = {}
     problems: list[str] = []
-    for key in sync(_keys()):
+    for key in keys:
         buf = sync(zstore.get(key, prototype=default_buffer_prototype()))
         if buf is None:
             problems.append(f"metadata {key}: missing")
