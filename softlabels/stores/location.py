@@ -115,6 +115,12 @@ def _bucket(location: str) -> str:
     return location.split("://", 1)[1].split("/", 1)[0]
 
 
+def _missing_bucket(location: str, options: dict) -> RemoteStoreError:
+    return RemoteStoreError(
+        f"bucket {_bucket(location)!r} does not exist at {_endpoint(location, options)}; create it or fix the URL {location}"
+    )
+
+
 @contextlib.contextmanager
 def remote_errors(location: str, storage_options: dict | None = None) -> Iterator[None]:
     """Turn the usual remote failures into one-line errors that name the fix."""
@@ -141,9 +147,7 @@ def remote_errors(location: str, storage_options: dict | None = None) -> Iterato
         if "PermissionError" in names:
             raise RemoteStoreError(f"access to {location} at {endpoint} was refused ({first}); check the credentials") from None
         if "FileNotFoundError" in names and "bucket" in first.lower():
-            raise RemoteStoreError(
-                f"bucket {_bucket(location)!r} does not exist at {endpoint}; create it or fix the URL {location}"
-            ) from None
+            raise _missing_bucket(location, options) from None
         if "ClientResponseError" in names:
             raise RemoteStoreError(f"{location}: the server answered HTTP {getattr(exc, 'status', '?')} ({first})") from None
         raise
@@ -199,10 +203,7 @@ def _check_bucket(location: str, store: Store, storage_options: dict | None) -> 
     try:  # s3fs's probe hides why: ask once more and let remote_errors name the cause
         sync(fs._call_s3("head_bucket", Bucket=bucket))
     except FileNotFoundError:
-        raise RemoteStoreError(
-            f"bucket {bucket!r} does not exist at {_endpoint(location, storage_options or {})}; "
-            f"create it or fix the URL {location}"
-        ) from None
+        raise _missing_bucket(location, storage_options or {}) from None
 
 
 def _raise_missing(location: str, store: Store, storage_options: dict | None) -> None:
