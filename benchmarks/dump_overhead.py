@@ -1,14 +1,17 @@
 """Dump overhead: Ray dump throughput (features on) vs a plain teacher forward over the same
 DataLoader, and 1 vs 2 workers, all in one run.
 
-    python benchmarks/dump_overhead.py                 # 4,096 images, resnet18 at 32x32, 3 rounds
-    python benchmarks/dump_overhead.py --images 8192 --arch resnet18
+    python benchmarks/dump_overhead.py                 # 4,096 images, resnet18 at 32x32, 5 rounds
+    python benchmarks/dump_overhead.py --images 8192 --loader-workers 1 0
 
 Data: an ImageFolder of real 32x32 crops cut from scikit-learn's bundled sample photos (10
 class folders), decoded by torchvision exactly as `softlabels dump --dataset imagefolder:...`
 does. Teacher: torchvision resnet18 (random init, 10 classes) -- compute-bound on a CPU.
-Each dump worker and the plain forward are limited to one thread, so the comparison is
-per-core and the 2-worker run shows scaling.
+Each dump worker and the plain forward are limited to one torch thread, so the comparison is
+per-core and the 2-worker run shows scaling. ``--loader-workers`` (decoding processes per dump
+worker; the plain forward's DataLoader gets the same ``num_workers``) may list several settings:
+each is measured in every round. Rounds interleave all runs (the machine is shared and noisy);
+the ratios are medians of per-round ratios, with their range.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def make_imagefolder(root: Path, images: int, size: int = 32, classes: int = 10,
         Image.fromarray(crop).save(root / f"class{i % classes}" / f"{i:06d}.png")
 
 
-def plain_forward(spec: str, weights: str, arch: str, batch_size: int) -> float:
+def plain_forward(spec: str, weights: str, arch: str, batch_size: int, loader_workers: int = 0) -> float:
     """Rows/s of the teacher alone: same dataset, same DataLoader settings, one thread."""
     from softlabels.datasets import load_dataset
     from softlabels.teachers import load_teacher
@@ -47,7 +50,7 @@ def plain_forward(spec: str, weights: str, arch: str, batch_size: int) -> float:
     torch.set_num_threads(1)
     dataset, info = load_dataset(spec, "train")
     teacher = load_teacher(f"torchvision:{arch}", weights, input_shape=info.input_shape, num_classes=info.num_classes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
     model = teacher.model.eval()
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -56,12 +59,13 @@ def plain_forward(spec: str, weights: str, arch: str, batch_size: int) -> float:
     return info.num_samples / (time.perf_counter() - t0)
 
 
-def dump(spec: str, weights: str, arch: str, out: str, workers: int, batch_size: int) -> dict:
+def dump(spec: str, weights: str, arch: str, out: str, workers: int, batch_size: int, loader_workers: int = 0) -> dict:
     from softlabels.pipelines.dump import run_dump
     from softlabels.pipelines.predictor import DumpConfig
 
     config = DumpConfig(teacher=f"torchvision:{arch}", weights=weights, dataset=spec, out=out, k=10,
-                        batch_size=batch_size, threads_per_worker=1, rows_per_shard=256, rows_per_chunk=256)
+                        batch_size=batch_size, threads_per_worker=1, rows_per_shard=256, rows_per_chunk=256,
+                        loader_workers=loader_workers)
     marks: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     result = run_dump(config, workers=workers, on_unit=lambda unit, rows: marks.append((time.perf_counter(), rows)))
@@ -79,7 +83,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--loader-workers", type=int, nargs="+", default=[1, 0],
+                   help="decoding processes per dump worker (and the plain forward's num_workers); 1 is the dump default")
     args = p.parse_args()
     import ray
 
@@ -87,6 +93,7 @@ def main() -> None:
     from softlabels.models import build_model  # noqa: F401 - warm imports before timing
     from softlabels.teachers import load_teacher
 
+    runs: dict[int, dict[str, list]] = {w: {"plain": [], "one": [], "two": []} for w in args.loader_workers}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         make_imagefolder(root, args.images)
@@ -94,25 +101,32 @@ def main() -> None:
         weights = str(Path(tmp) / "teacher.pt")
         teacher = load_teacher(f"torchvision:{args.arch}", None, input_shape=(3, 32, 32), num_classes=10)
         torch.save(teacher.model.state_dict(), weights)
-        plains, ones, twos = [], [], []
         for r in range(args.rounds):  # interleaved rounds: the machine is shared and noisy
-            plains.append(plain_forward(spec, weights, args.arch, args.batch_size))
-            ones.append(dump(spec, weights, args.arch, str(Path(tmp) / f"one{r}.zarr"), 1, args.batch_size))
-            twos.append(dump(spec, weights, args.arch, str(Path(tmp) / f"two{r}.zarr"), 2, args.batch_size))
+            for w in args.loader_workers:
+                out = Path(tmp) / f"r{r}w{w}"
+                runs[w]["plain"].append(plain_forward(spec, weights, args.arch, args.batch_size, w))
+                runs[w]["one"].append(dump(spec, weights, args.arch, str(out / "one.zarr"), 1, args.batch_size, w))
+                runs[w]["two"].append(dump(spec, weights, args.arch, str(out / "two.zarr"), 2, args.batch_size, w))
+                print(f"round {r + 1} loader workers {w}: plain {runs[w]['plain'][-1]:,.0f} rows/s, dump 1 worker "
+                      f"{runs[w]['one'][-1]['steady_rows_per_s']:,.0f}, 2 workers {runs[w]['two'][-1]['steady_rows_per_s']:,.0f}",
+                      flush=True)
     med = statistics.median
-    plain = med(plains)
-    one = {key: med(o[key] for o in ones) for key in ones[0]}
-    two = {key: med(t[key] for t in twos) for key in twos[0]}
     print(f"$ python benchmarks/dump_overhead.py --images {args.images} --arch {args.arch} --batch-size {args.batch_size} "
-          f"--rounds {args.rounds}")
-    print(f"{args.images} images 32x32, torchvision:{args.arch}, batch {args.batch_size}, 1 thread per process, "
-          f"features on; medians of {args.rounds} interleaved rounds")
-    print("run | rows/s (steady) | rows/s (end to end) | wall s | ratio")
-    print(f"plain forward, 1 thread | {plain:,.0f} (rounds: {', '.join(f'{p:,.0f}' for p in plains)}) | - | - | 1.00")
-    print(f"dump, 1 worker | {one['steady_rows_per_s']:,.0f} | {one['end_to_end_rows_per_s']:,.0f} | {one['wall_s']:.1f} | "
-          f"{one['steady_rows_per_s'] / plain:.2f} of plain")
-    print(f"dump, 2 workers | {two['steady_rows_per_s']:,.0f} | {two['end_to_end_rows_per_s']:,.0f} | {two['wall_s']:.1f} | "
-          f"{two['steady_rows_per_s'] / one['steady_rows_per_s']:.2f}x of 1 worker")
+          f"--rounds {args.rounds} --loader-workers {' '.join(map(str, args.loader_workers))}")
+    print(f"{args.images} images 32x32, torchvision:{args.arch}, batch {args.batch_size}, 1 torch thread per process, "
+          f"features on; medians of {args.rounds} interleaved rounds; ratio = median [min, max] of per-round ratios")
+    print("loader workers | run | rows/s (steady) | rows/s (end to end) | ratio")
+    for w, run in runs.items():
+        plain = med(run["plain"])
+        one = {key: med(o[key] for o in run["one"]) for key in run["one"][0]}
+        two = {key: med(t[key] for t in run["two"]) for key in run["two"][0]}
+        of_plain = [o["steady_rows_per_s"] / p for o, p in zip(run["one"], run["plain"])]
+        scaling = [t["steady_rows_per_s"] / o["steady_rows_per_s"] for t, o in zip(run["two"], run["one"])]
+        print(f"{w} | plain forward | {plain:,.0f} | - | 1.00")
+        print(f"{w} | dump, 1 worker | {one['steady_rows_per_s']:,.0f} | {one['end_to_end_rows_per_s']:,.0f} | "
+              f"{med(of_plain):.2f} [{min(of_plain):.2f}, {max(of_plain):.2f}] of plain")
+        print(f"{w} | dump, 2 workers | {two['steady_rows_per_s']:,.0f} | {two['end_to_end_rows_per_s']:,.0f} | "
+              f"{med(scaling):.2f}x [{min(scaling):.2f}, {max(scaling):.2f}] of 1 worker")
     print(f"store: {one['bytes_per_sample']:.0f} B/sample (k=10, 4 temperatures, 512-d penultimate fp16 features)")
     ray.shutdown()
 

@@ -47,7 +47,9 @@ def register(app: typer.Typer) -> None:
         augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the augmentation parameters (keyed by seed, sample, view)."),
         value_dtype: str = typer.Option("float16", help="Storage dtype of logits: float16 or float32."),
         batch_size: int = typer.Option(256, help="Teacher batch size."),
-        loader_workers: int = typer.Option(0, help="DataLoader worker processes per Ray worker (for decoding images)."),
+        loader_workers: int = typer.Option(
+            1, min=0, help="Decoding processes per Ray worker for file datasets (images); they run ahead across units. 0 decodes in the worker itself."
+        ),
         workers: int = typer.Option(None, help="CPU Ray workers (default: one per GPU, or 1 without GPUs)."),
         address: str = typer.Option(None, help="Join an existing Ray cluster instead of starting one."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump into OUT."),

@@ -7,7 +7,9 @@ directly.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ class DumpConfig:
     feature_layers: tuple[str, ...] = (PENULTIMATE,)
     value_dtype: str = "float16"
     batch_size: int = 256
-    loader_workers: int = 0
+    loader_workers: int = 1  # decoding processes per worker (file datasets; in-memory ones slice)
     threads_per_worker: int = 0
     rows_per_shard: int = 0
     rows_per_chunk: int = 0
@@ -108,6 +110,84 @@ class _SampleViews(torch.utils.data.Dataset):
         return i, params, x
 
 
+class _QueuedRanges(torch.utils.data.Sampler):
+    """Batch sampler over the row ranges queued so far, in order. Its iterator ends when the
+    queue is empty (it never blocks), and the next epoch starts at whatever was queued since."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.queued: collections.deque[tuple[int, int]] = collections.deque()
+
+    def __iter__(self):
+        while self.queued:
+            start, stop = self.queued.popleft()
+            for s in range(start, stop, self.batch_size):
+                yield list(range(s, min(s + self.batch_size, stop)))
+
+    def __len__(self) -> int:
+        return sum(math.ceil((stop - start) / self.batch_size) for start, stop in self.queued)
+
+
+class BatchStream:
+    """One persistent DataLoader over the units a worker will compute, in order.
+
+    Why: a DataLoader per unit restarts its decode processes at every unit and lets them idle
+    while the teacher computes the unit's last batch. Here the caller *announces* units as soon
+    as it knows them (the Ray actor: when the call arrives, before the unit before it has
+    finished), the decode workers run ahead across unit boundaries, and :meth:`batches` hands
+    out each unit's batches when its turn comes. A unit asked for out of turn, or a unit whose
+    consumer stopped early (an error), resets the stream: correctness never depends on the
+    announcements, only the prefetch does.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, workers: int, pin_memory: bool) -> None:
+        self.batch_size = batch_size
+        self._ranges = _QueuedRanges(batch_size)
+        self._loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self._ranges, num_workers=workers, pin_memory=pin_memory,
+            persistent_workers=workers > 0,
+        )
+        self._announced: collections.deque[tuple[int, int]] = collections.deque()
+        self._iterator = None
+
+    def announce(self, start: int, stop: int) -> None:
+        """Rows ``[start, stop)`` will be asked for after every range announced before them."""
+        self._announced.append((start, stop))
+        self._ranges.queued.append((start, stop))
+
+    def reset(self) -> None:
+        self._announced.clear()
+        self._ranges.queued.clear()
+        self._iterator = None  # the next iter() of the persistent loader drops what is in flight
+
+    def batches(self, start: int, stop: int):
+        """The input batches of rows ``[start, stop)``, in order."""
+        if not self._announced or self._announced[0] != (start, stop):
+            later = [r for r in self._announced if r != (start, stop)]
+            self.reset()
+            for r in [(start, stop), *later]:
+                self.announce(*r)
+        finished = False
+        try:
+            for _ in range(math.ceil((stop - start) / self.batch_size)):
+                yield self._next()[0]
+            finished = True
+        finally:
+            if finished:
+                self._announced.popleft()
+            else:  # the consumer failed or stopped mid-unit: its other batches are in flight
+                self.reset()
+
+    def _next(self):
+        if self._iterator is not None:
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                pass  # everything queued so far was delivered; start an epoch over the new ranges
+        self._iterator = iter(self._loader)
+        return next(self._iterator)
+
+
 class TeacherPredictor:
     """Holds teacher + dataset; :meth:`predict_unit` returns a unit's fields as numpy arrays."""
 
@@ -129,6 +209,7 @@ class TeacherPredictor:
         self._layers = list(layers)
         self.labeled = self.info.labels is not None
         self._writer: StoreWriter | None = None
+        self._stream: BatchStream | None = None
         from softlabels.augment import get_policy
 
         self.policy = get_policy(config.augment)
@@ -137,21 +218,29 @@ class TeacherPredictor:
     def loaded(self) -> Loaded:
         return Loaded(self.dataset, self.info, self.teacher)
 
+    def _in_memory(self) -> bool:
+        return isinstance(getattr(self.dataset, "inputs", None), torch.Tensor)
+
     def _batches(self, start: int, stop: int):
-        inputs = getattr(self.dataset, "inputs", None)
-        if inputs is not None and self.config.loader_workers == 0:
+        """Input batches of rows ``[start, stop)``: slices of an in-memory dataset, else from the
+        worker's :class:`BatchStream` (decoded in ``loader_workers`` processes)."""
+        if self._in_memory():
             for s in range(start, stop, self.config.batch_size):
-                yield inputs[s : min(s + self.config.batch_size, stop)]
+                yield self.dataset.inputs[s : min(s + self.config.batch_size, stop)]
             return
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(self.dataset, range(start, stop)),
-            batch_size=self.config.batch_size,
-            shuffle=False,
-            num_workers=self.config.loader_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        for x, _ in loader:
-            yield x
+        yield from self._batch_stream().batches(start, stop)
+
+    def _batch_stream(self) -> BatchStream:
+        if self._stream is None:
+            self._stream = BatchStream(self.dataset, self.config.batch_size, self.config.loader_workers,
+                                       pin_memory=self.device.type == "cuda")
+        return self._stream
+
+    def announce(self, start: int, stop: int) -> None:
+        """Rows ``[start, stop)`` come next after those already announced: their decoding may
+        start now. Only a hint (see :class:`BatchStream`); in-memory and multi-view dumps ignore it."""
+        if not self._in_memory() and not self.augmented:
+            self._batch_stream().announce(start, stop)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -176,8 +265,7 @@ class TeacherPredictor:
         """``(index, params, views)`` per batch; ``views(v)`` gives view v's inputs. In-memory
         datasets build a view as one vectorised op; file datasets (images) build all V views of
         a sample in a DataLoader item (decoding the file once), in ``loader_workers`` processes."""
-        in_memory = isinstance(getattr(self.dataset, "inputs", None), torch.Tensor)
-        if in_memory:
+        if self._in_memory():
             for s in range(start, stop, self.config.batch_size):
                 index = np.arange(s, min(s + self.config.batch_size, stop), dtype=np.int64)
                 params = self.view_params(index)
@@ -251,6 +339,9 @@ class TeacherPredictor:
     def probe(self) -> dict[str, Any]:
         """One forward pass on the first sample: class count and feature widths, checked
         before any store is created."""
-        x = next(iter(self._batches(0, 1)))
+        if self._in_memory():
+            x = self.dataset.inputs[:1]
+        else:  # one item in this process: no decode workers for a probe
+            x = torch.utils.data.default_collate([self.dataset[0]])[0]
         logits, feats = self.forward(x)
         return {"num_classes": int(logits.shape[-1]), "features": {n: int(f.shape[-1]) for n, f in feats.items()}}

@@ -25,9 +25,11 @@ UNITS_IN_FLIGHT_PER_ACTOR = 2
 class DumpWorker:
     """Ray actor body: a :class:`TeacherPredictor` kept warm across units.
 
-    An async actor: inference runs on the event loop (one unit at a time), while the finished
-    unit is validated, compressed and written on a writer thread. So the teacher computes unit
-    u+1 while unit u is written; each call still returns only once its unit is durable."""
+    An async actor with two threads: inference (one unit at a time, in call order) and writing
+    (validate, compress, write). So the teacher computes unit u+1 while unit u is written, and
+    the event loop stays free to *announce* each unit the moment its call arrives, so that the
+    predictor's decode workers start on it before the unit ahead of it is done. Each call still
+    returns only once its unit is durable."""
 
     def __init__(self, config: DumpConfig, shared: list) -> None:
         import concurrent.futures
@@ -38,7 +40,9 @@ class DumpWorker:
         # the driver holds it for the whole run, so a restarted actor can always fetch it again.
         loaded = ray.get(shared[0]) if shared else None
         self.predictor = TeacherPredictor(config, loaded=loaded)
-        self._writes = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        pool = concurrent.futures.ThreadPoolExecutor
+        self._inference = pool(max_workers=1, thread_name_prefix="teacher")
+        self._writes = pool(max_workers=1, thread_name_prefix="store-writer")
 
     async def pid(self) -> int:
         return os.getpid()
@@ -46,10 +50,12 @@ class DumpWorker:
     async def write_unit(self, unit: int) -> tuple[int, dict[str, str]]:
         import asyncio
 
+        loop = asyncio.get_running_loop()
         writer = self.predictor.writer()
         start, stop = writer.schema.unit_range(unit)
-        fields = self.predictor.predict_unit(start, stop)  # blocks the loop: one inference at a time
-        digests = await asyncio.get_running_loop().run_in_executor(self._writes, writer.write_unit, unit, fields)
+        self.predictor.announce(start, stop)
+        fields = await loop.run_in_executor(self._inference, self.predictor.predict_unit, start, stop)
+        digests = await loop.run_in_executor(self._writes, writer.write_unit, unit, fields)
         return unit, digests
 
 
