@@ -942,3 +942,21 @@ def test_prepared_rows_errors_and_declines():
             return super().teacher_distribution(labels, targets, num_classes) ** 2
 
     assert Sharper(num_classes=10).prepare_rows(t, None) is None and Sharper(num_classes=10).prepared_prefix is None
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_fused_kd_gradient_scaled_and_retained_graph(T):
+    """The gradient computed in the forward is handed over once: an incoming gradient != 1
+    scales it, and a second backward through a retained graph (autograd may have accumulated
+    into the first one) is still exact."""
+    case = make_case("kd-topk", 8, 10, 25, k=4, temperature=T)
+    m, y, t = case["method"], case["y"], case["targets"]
+    _, _, ref_grad = graph_kd(m, case["zs"], y, t)
+    zs = case["zs"].detach().requires_grad_(True)
+    out = m(zs, y, t)
+    (-2.5 * out.total).backward(retain_graph=True)
+    torch.testing.assert_close(zs.grad, -2.5 * ref_grad, rtol=1e-5, atol=1e-7)
+    out.total.backward()
+    torch.testing.assert_close(zs.grad, -1.5 * ref_grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # no gradient wanted: none is computed, the loss is the same
+        assert m(zs, y, t).total.item() == pytest.approx(out.total.item(), rel=1e-7)
