@@ -3,6 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/train_overhead.py [--batch-size 128 512] [--student mlp cnn]
                                                           [--rounds 600] [--teacher-epochs 15]
 
+(with ``PYTHONPATH=.`` from a source tree: a script's directory, not the working directory, is on
+``sys.path``, so otherwise the installed ``softlabels`` is what gets timed)
+
 MNIST-1D (4,000 train), builtin ``cnn`` teacher (fitted for ``--teacher-epochs``), Adam, one CPU
 thread. Two student configurations, measured in the same run:
 
