@@ -462,6 +462,7 @@ class DistillDataset(torch.utils.data.Dataset):
             return
         shape = (self.num_samples,) if views == 1 else (self.num_samples, views)
         self._prepared = {name: t.numpy().reshape(*shape, *t.shape[1:]) for name, t in prepared.items()}
+        self._ready = {}  # the raw rows are no longer read: do not hold (or pickle to workers) them twice
 
     @property
     def preloaded_all(self) -> bool:
