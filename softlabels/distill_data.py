@@ -30,6 +30,10 @@ A batch is a dict::
 
 ``targets`` holds exactly the requested fields (``method.needs``), one view per row and -- for
 ``logsumexp`` -- the column of the chosen temperature (``[B]``). ``topk_indices`` are int64.
+Built for a method (:meth:`DistillDataset.for_method`), ``targets`` holds instead that method's
+*loss-ready* rows when it has them (:meth:`softlabels.losses.DistillationMethod.prepare_rows`:
+the teacher distribution at T with its logs, computed once for preloaded arrays, so that a batch
+is a row gather and the loss does not rebuild its target every step; per batch otherwise).
 Several (dataset, store) pairs -- a labelled train split and an unlabeled transfer split --
 are concatenated by :class:`ConcatDistillDataset`.
 """
@@ -274,6 +278,9 @@ class DistillDataset(torch.utils.data.Dataset):
         student_augment: a student-only augmentation spec (``shift1d:max=N``, ``noise:std=S``,
             ``flip``), drawn fresh per (seed, epoch, sample) and applied after any replayed
             view. The teacher never saw it.
+        prepare_for: a loss method: deliver its loss-ready targets (``prepare_rows`` of the
+            fields) instead of the raw fields when it has them -- prepared once for every row
+            (and view) when all fields are preloaded, per batch otherwise.
         preload: hold the requested non-feature arrays (and features, if they still fit)
             in memory when their total is at most ``preload_bytes``; ``False`` never,
             ``True`` always.
@@ -294,6 +301,7 @@ class DistillDataset(torch.utils.data.Dataset):
         preload: bool | str = "auto",
         preload_bytes: int = DEFAULT_PRELOAD_BYTES,
         student_augment: str | None = None,
+        prepare_for: Any = None,
     ) -> None:
         from softlabels.augment import get_student_augment
 
@@ -315,6 +323,8 @@ class DistillDataset(torch.utils.data.Dataset):
             self._inputs = self._targets = None
         self._ready: dict[str, np.ndarray] = {}
         self.preloaded: tuple[str, ...] = ()
+        self._method = prepare_for
+        self._prepared: dict[str, np.ndarray] = {}
         self._n_views, self._single_view = 1, True
         self._policy: Any = None
         self._view_params: dict[str, np.ndarray] = {}
@@ -334,6 +344,8 @@ class DistillDataset(torch.utils.data.Dataset):
         self._check_fields()
         if preload:
             self._preload(force=preload is True, budget=int(preload_bytes))
+        if self._method is not None:
+            self._prepare_all()
 
     def _load_view_params(self) -> None:
         """A store dumped with ``--augment``: its policy and every view's parameters, in memory
@@ -353,12 +365,16 @@ class DistillDataset(torch.utils.data.Dataset):
         }
 
     @classmethod
-    def for_method(cls, dataset: Any, store: SoftLabelStore | str | None, method: Any, **kwargs: Any) -> DistillDataset:
+    def for_method(
+        cls, dataset: Any, store: SoftLabelStore | str | None, method: Any, *, prepare: bool = True, **kwargs: Any
+    ) -> DistillDataset:
         """The fields and temperature a :mod:`softlabels.losses` method needs (``method.needs``,
-        ``method.temperature``)."""
+        ``method.temperature``); with ``prepare`` (default), batches carry the method's
+        loss-ready targets when it has them (see ``prepare_for``)."""
         fields = sorted(method.needs)
         temperature = method.temperature if fmt.LOGSUMEXP in method.needs else None
-        return cls(dataset, store, fields=fields, temperature=temperature, **kwargs)
+        prepare_for = method if prepare else None
+        return cls(dataset, store, fields=fields, temperature=temperature, prepare_for=prepare_for, **kwargs)
 
     # -- construction checks ------------------------------------------------------------
     def _check_fields(self) -> None:
@@ -424,6 +440,29 @@ class DistillDataset(torch.utils.data.Dataset):
             arr = arr[:, 0]
         return np.ascontiguousarray(arr)
 
+    def _prepare_all(self) -> None:
+        """The method's loss-ready rows for every row (and view) of the preloaded arrays, once.
+        Left empty (batches are then prepared one by one) when a field is not in memory or the
+        method declines (no prepared form, or too large)."""
+        if self.store is None or not self.preloaded_all or fmt.LABELS in self.fields:
+            return
+        if any(name.startswith(fmt.FEATURES_PREFIX) for name in self.fields):
+            return
+        views = 1 if self._single_view else self._n_views
+        fields = {}
+        for name, arr in self._ready.items():
+            if name == fmt.TOPK_INDICES:
+                arr = arr.astype(np.int64)
+            fields[name] = torch.from_numpy(arr.reshape(self.num_samples * views, *arr.shape[1 + (views > 1) :]))
+        labels = None
+        if self._method.requires_labels:
+            labels = torch.from_numpy(np.repeat(self._labels(np.arange(self.num_samples)).numpy(), views))
+        prepared = self._method.prepare_rows(fields, labels)
+        if prepared is None:
+            return
+        shape = (self.num_samples,) if views == 1 else (self.num_samples, views)
+        self._prepared = {name: t.numpy().reshape(*shape, *t.shape[1:]) for name, t in prepared.items()}
+        self._ready = {}  # the raw rows are no longer read: do not hold (or pickle to workers) them twice
 
     @property
     def preloaded_all(self) -> bool:
@@ -492,9 +531,26 @@ class DistillDataset(torch.utils.data.Dataset):
             return torch.from_numpy(np.asarray(self.info.labels, dtype=np.int64)[index])
         return self._inputs_labels(index)[1]
 
-    def read_targets(self, index: np.ndarray, view: np.ndarray | int) -> dict[str, torch.Tensor]:
-        """The batch's targets: one row gather per preloaded field, and one vectorised
-        ``store.read`` for all the fields that are not in memory."""
+    def read_targets(
+        self, index: np.ndarray, view: np.ndarray | int, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The batch's targets: the method's prepared rows (one row gather each) when they
+        exist; else one row gather per preloaded field and one vectorised ``store.read`` for the
+        fields that are not in memory, made loss-ready here when built for a method that can
+        (``labels``: the batch's, for a method whose target depends on them)."""
+        if self._prepared:
+            if self._single_view:
+                return {name: torch.from_numpy(arr[index]) for name, arr in self._prepared.items()}
+            return {name: torch.from_numpy(arr[index, view]) for name, arr in self._prepared.items()}
+        raw = self._read_fields(index, view)
+        method = self._method
+        if method is not None and self.store is not None:
+            prepared = method.prepare_rows(raw, labels if method.requires_labels else None)
+            if prepared is not None:
+                return prepared
+        return raw
+
+    def _read_fields(self, index: np.ndarray, view: np.ndarray | int) -> dict[str, torch.Tensor]:
         if self.store is None or not self.fields:
             return {}
         arrays: dict[str, np.ndarray] = {}
@@ -540,7 +596,7 @@ class DistillDataset(torch.utils.data.Dataset):
             "input": x,
             "label": y,
             "view": view_t,
-            "targets": self.read_targets(index, view),
+            "targets": self.read_targets(index, view, y),
         }
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -623,11 +679,19 @@ class ConcatDistillDataset(torch.utils.data.Dataset):
             "input": cat([p["input"] for p in pieces]),
             "label": cat([p["label"] for p in pieces]),
             "view": cat([p["view"] for p in pieces]),
-            "targets": {name: cat([p["targets"][name] for p in pieces]) for name in self.fields},
+            "targets": {name: cat([p["targets"][name] for p in pieces]) for name in _same_keys(pieces)},
         }
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return _unbatch(self.__getitems__([int(i)]))
+
+
+def _same_keys(pieces: list[dict[str, Any]]) -> list[str]:
+    """The target names every part delivered (prepared or raw: all parts must agree)."""
+    names = [sorted(p["targets"]) for p in pieces]
+    if any(n != names[0] for n in names[1:]):
+        raise SpecError(f"the parts delivered different target fields ({names}); build every part the same way")
+    return names[0]
 
 
 # --------------------------------------------------------------------------------------

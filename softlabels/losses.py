@@ -24,6 +24,7 @@ Core module: depends on torch and :mod:`softlabels.targets` only.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -55,6 +56,7 @@ __all__ = [
     "HintRegressor",
     "DistillationMethod",
     "STORE_CONSTANTS",
+    "PREPARED_PREFIX",
     "register_method",
     "list_methods",
     "method_class",
@@ -71,6 +73,12 @@ LABEL_LOGIT = "label_logit"
 FEATURES_PREFIX = "features/"
 _TOPK_FIELDS = frozenset({TOPK_VALUES, TOPK_INDICES, LOGSUMEXP})
 _PT_FIELDS = frozenset({LABEL_LOGIT, LOGSUMEXP})
+#: Keys of loss-ready targets (:meth:`DistillationMethod.prepare_rows`) start with this.
+PREPARED_PREFIX = "prepared/"
+#: Prepared targets are scattered to dense ``[N, C]`` float32 rows (no gather/scatter per step)
+#: when the two dense arrays (probabilities and their logs) fit in this many bytes.
+PREPARED_DENSE_BYTES = 1 << 28
+_PREPARE_CHUNK_ELEMENTS = 1 << 22  # rows are prepared this many [row, class] elements at a time
 
 
 # --------------------------------------------------------------------------------------
@@ -253,9 +261,13 @@ class _Target:
     (int64) and, when ``k < C``, ``fill [B, 1]`` -- the probability of *each* of the other
     ``C - k`` classes -- with ``log_fill``. Top-k and KD-pt targets come in this form, so neither
     a dense ``[B, C]`` target nor its log is built in the forward pass. *Dense* (``index`` None):
-    ``probs [B, C]``, ``log_probs`` optional (then computed where ``probs > 0``).
+    ``probs [B, C]``, ``log_probs`` optional (then computed in the forward).
     ``normalised``: rows sum to 1 by construction (up to rounding), so the gradient may use
     ``q - p`` instead of ``q * sum(p) - p``. Never requires grad.
+
+    The *loss-ready* form (:func:`_loss_ready`, what :meth:`DistillationMethod.prepare_rows`
+    delivers) has float32 (or float64) tensors and ``log_probs`` always, 0 wherever the
+    probability is 0, so the forward's plain sum never meets ``0 * log 0``.
     """
 
     __slots__ = ("probs", "log_probs", "index", "fill", "log_fill", "normalised")
@@ -266,18 +278,58 @@ class _Target:
 
     def dense(self, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
         """The ``[B, C]`` distribution (one scatter for the sparse form)."""
-        probs = _as(self.probs, dtype)
-        if self.index is None:
-            return probs
-        if self.fill is None:
-            out = probs.new_zeros(probs.shape[0], num_classes)
-        else:
-            out = _as(self.fill, dtype).expand(probs.shape[0], num_classes).clone()
-        return out.scatter_(-1, self.index, probs)
+        return _scatter_rows(self.probs, self.index, self.fill, num_classes, dtype)
+
+    def fields(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors as prepared fields ``prefix + probs|log_probs|index|fill|log_fill``."""
+        names = ("probs", "log_probs", "index", "fill", "log_fill")
+        return {prefix + n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @classmethod
+    def from_fields(cls, targets: Mapping[str, torch.Tensor], prefix: str) -> _Target:
+        """The inverse of :meth:`fields` (prepared targets are normalised distributions)."""
+        get = targets.get
+        return cls(targets[prefix + "probs"], targets[prefix + "log_probs"], get(prefix + "index"),
+                   get(prefix + "fill"), get(prefix + "log_fill"), normalised=True)
+
+
+def _scatter_rows(values, index, fill, num_classes, dtype) -> torch.Tensor:
+    """``[B, C]`` rows: ``fill`` (or 0) everywhere, ``values`` at ``index``; ``values`` itself
+    when ``index`` is None."""
+    values = _as(values, dtype)
+    if index is None:
+        return values
+    if fill is None:
+        out = values.new_zeros(values.shape[0], num_classes)
+    else:
+        out = _as(fill, dtype).expand(values.shape[0], num_classes).clone()
+    return out.scatter_(-1, index, values)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
+
+
+def _loss_ready(target: _Target, num_classes: int, dense: bool) -> _Target:
+    """``target`` in the form :meth:`DistillationMethod.prepare_rows` delivers: float32 (float64
+    stays), contiguous, ``log_probs`` present with 0 where the probability is 0 (a ``0 * -inf``
+    term would make the forward fall back to its masked sum), scattered to ``[B, C]`` when
+    ``dense`` (then the forward needs no gather and the backward no scatter)."""
+    dtype = torch.float64 if target.probs.dtype == torch.float64 else torch.float32
+    p = _as(target.probs, dtype).contiguous()
+    logp = torch.log(p) if target.log_probs is None else _as(target.log_probs, dtype)
+    logp = torch.where(p > 0, logp, 0.0).contiguous()
+    fill = log_fill = None
+    if target.fill is not None:
+        fill = _as(target.fill, dtype).contiguous()
+        log_fill = torch.log(fill) if target.log_fill is None else _as(target.log_fill, dtype)
+        log_fill = torch.where(fill > 0, log_fill, 0.0).contiguous()
+    index = None if target.index is None else target.index.long().contiguous()
+    if dense and index is not None:
+        p = _scatter_rows(p, index, fill, num_classes, dtype)
+        logp = _scatter_rows(logp, index, log_fill, num_classes, dtype)
+        index = fill = log_fill = None
+    return _Target(p, logp, index, fill, log_fill, normalised=target.normalised)
 
 
 def _graph_kd_total(logits, labels, target, temperature, ce_weight, kd_weight):
@@ -289,23 +341,34 @@ def _graph_kd_total(logits, labels, target, temperature, ce_weight, kd_weight):
     return total
 
 
+@functools.lru_cache(maxsize=8)
+def _minus_ones(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only ``[rows, 1]`` column of -1 (the one-hot subtracted in the CE gradient),
+    kept instead of allocated every backward."""
+    return torch.full((rows, 1), -1.0, dtype=dtype, device=device)
+
+
 class _FusedKD(torch.autograd.Function):
     """``total = kd_weight * T^2 * KL(p || q_T) + ce_weight * CE(z, y)`` as one autograd node.
 
     Forward: the formulas of :func:`kl_divergence` and :func:`cross_entropy` (``0 log 0 = 0``
     even where ``log q = -inf``; unlabelled rows masked; batch means; empty batch -> 0),
-    evaluated without recording a graph, in float32 (float64 stays float64). Returns
-    ``(total, T^2 KL, CE)``; the last two are non-differentiable (the logged components).
-    Backward, in closed form, no graph: ``dtotal/dz = kd_weight * T * (s * q_T - p) / B +
-    ce_weight * mask * (q_1 - onehot(y)) / n``, ``q_T = softmax(z / T)``, ``s = sum_c p``
-    (taken as 1 for a ``normalised`` target), ``n`` = labelled rows. Under
-    ``create_graph=True`` it differentiates the plain graph instead, so higher-order gradients
-    are exact as well.
+    evaluated without recording a graph, in float32 (float64 stays float64). The KL is one dot
+    product ``<p, log p - log q_T>`` (plus one per-row tail term for a sparse target with
+    ``k < C``). Returns ``(total, T^2 KL, CE)``; the last two are non-differentiable (the
+    logged components). The gradient, in closed form, ``dtotal/dz = kd_weight * T *
+    (s * q_T - p) / B + ce_weight * mask * (q_1 - onehot(y)) / n``, ``q_T = softmax(z / T)``,
+    ``s = sum_c p`` (taken as 1 for a ``normalised`` target), ``n`` = labelled rows, is also
+    computed in the forward (when the logits require grad), in place over the log-softmaxes
+    that are no longer needed; the backward hands it over (times the incoming gradient unless
+    that is 1). Under ``create_graph=True``, or a second backward through a retained graph, it
+    differentiates the plain graph instead, so higher-order gradients are exact as well.
 
     Why: on small batches a loss is a few dozen tiny tensor ops whose cost is per-op overhead
     (dispatch, autograd bookkeeping, one backward node each); on large ones every pass over
-    ``[B, C]`` counts. Here the forward records no graph and the backward is a handful of
-    in-place passes.
+    ``[B, C]`` counts. Here no graph is recorded, the gradient is a handful of in-place passes
+    over tensors that are still in cache, and the Python backward node does almost nothing
+    (measured: the same passes cost about twice as much inside the backward).
     """
 
     @staticmethod
@@ -313,7 +376,7 @@ class _FusedKD(torch.autograd.Function):
         z = _upcast(logits)
         batch, num_classes = z.shape
         ctx.save_for_backward(logits)
-        ctx.labels, ctx.target, ctx.hp = labels, target, (temperature, ce_weight, kd_weight)
+        ctx.labels, ctx.target, ctx.hp, ctx.grad = labels, target, (temperature, ce_weight, kd_weight), None
         if batch == 0:
             total, kd, ce = z.new_zeros(()), z.new_zeros(()), z.new_zeros(())
             ctx.mark_non_differentiable(kd, ce)
@@ -321,26 +384,25 @@ class _FusedKD(torch.autograd.Function):
         dtype = z.dtype
         logq = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
         p = _as(target.probs, dtype)
+        logp = torch.log(p) if target.log_probs is None else _as(target.log_probs, dtype)
+        fill = None
         if target.index is None:
-            lq = logq
-            logp = torch.log(p) if target.log_probs is None else _as(target.log_probs, dtype)
+            parts = [(p, logp, logq)]
         else:
             lq = logq.gather(-1, target.index)
-            logp = _as(target.log_probs, dtype)
-        parts = [(p, logp, lq)]
-        if target.fill is not None:  # the C - k other classes, at `fill` each: one term per row
-            fill = _as(target.fill, dtype)
-            n_tail = num_classes - target.index.shape[-1]
-            tail_logq = (logq.sum(-1, keepdim=True) - lq.sum(-1, keepdim=True)) / n_tail  # their mean log q
-            parts.append((n_tail * fill, _as(target.log_fill, dtype), tail_logq))
-        kl = _sum_p_log_ratio(parts)
-        kd = kl * (temperature * temperature / batch)
+            parts = [(p, logp, lq)]
+            if target.fill is not None:  # the C - k other classes, at `fill` each: one term per row
+                fill = _as(target.fill, dtype)
+                n_tail = num_classes - target.index.shape[-1]
+                tail_logq = (logq.sum(-1, keepdim=True) - lq.sum(-1, keepdim=True)) / n_tail  # their mean log q
+                parts.append((n_tail * fill, _as(target.log_fill, dtype), tail_logq))
+        kd = _sum_p_log_ratio(parts) * (temperature * temperature / batch)
         mass = None
         if not target.normalised:
             mass = p.sum(-1, keepdim=True)
-            if target.fill is not None:
+            if fill is not None:
                 mass = mass + n_tail * fill
-        ctx.logq, ctx.mass, ctx.logp1 = logq, mass, None
+        logp1 = y = scale = None
         if labels is None:
             ce = z.new_zeros(())
             total = kd * kd_weight
@@ -348,7 +410,6 @@ class _FusedKD(torch.autograd.Function):
             logp1 = logq if temperature == 1.0 else torch.log_softmax(z, dim=-1)
             y = labels.long()
             if all_labelled:
-                scale = None
                 ce = F.nll_loss(logp1, y)
             else:
                 mask = y >= 0
@@ -356,7 +417,26 @@ class _FusedKD(torch.autograd.Function):
                 scale = (mask / mask.sum().clamp(min=1).to(dtype)).unsqueeze(-1)  # 1/n on labelled rows, else 0
                 ce = -(logp1.gather(-1, y.unsqueeze(-1)) * scale).sum()
             total = torch.add(kd * kd_weight, ce, alpha=ce_weight)
-            ctx.logp1, ctx.y, ctx.scale = logp1, y, scale
+        if ctx.needs_input_grad[0]:
+            # q_T, then q_1: exponentiated in place (logp1 may be logq itself when T = 1)
+            grad = logq.exp() if logp1 is logq else logq.exp_()
+            if mass is not None:
+                grad.mul_(mass)
+            if target.index is None:
+                grad.sub_(p)
+            elif fill is None:
+                grad.scatter_add_(-1, target.index, -p)
+            else:
+                grad.sub_(fill).scatter_add_(-1, target.index, fill - p)
+            grad.mul_(kd_weight * temperature / batch)
+            if logp1 is not None and ce_weight != 0.0:
+                q1 = logp1.exp_()
+                q1.scatter_add_(-1, y.unsqueeze(-1), _minus_ones(batch, dtype, q1.device))  # q_1 - onehot(y)
+                if scale is None:
+                    grad.add_(q1, alpha=ce_weight / batch)
+                else:
+                    grad.addcmul_(q1, scale, value=ce_weight)
+            ctx.grad = grad
         ctx.mark_non_differentiable(kd, ce)
         return total, kd, ce
 
@@ -364,58 +444,41 @@ class _FusedKD(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
         none = (None,) * 6
         (logits,) = ctx.saved_tensors
-        temperature, ce_weight, kd_weight = ctx.hp
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain graph instead
+        if logits.shape[0] == 0:
+            return (torch.zeros_like(logits), *none)
+        grad, ctx.grad = ctx.grad, None  # handed over once: autograd may accumulate into it
+        if grad is None or torch.is_grad_enabled():
+            # create_graph=True, or a second backward through a retained graph: the plain graph
+            temperature, ce_weight, kd_weight = ctx.hp
+            create_graph = torch.is_grad_enabled()
             with torch.enable_grad():
                 total = _graph_kd_total(logits, ctx.labels, ctx.target, temperature, ce_weight, kd_weight)
-                (grad,) = torch.autograd.grad(total, logits, grad_total, create_graph=True)
+                (grad,) = torch.autograd.grad(total, logits, grad_total, create_graph=create_graph)
             return (grad, *none)
-        batch = logits.shape[0]
-        if batch == 0:
-            return (torch.zeros_like(logits), *none)
-        target = ctx.target
-        grad = ctx.logq.exp()  # q_T
-        dtype = grad.dtype
-        p = _as(target.probs, dtype)
-        if ctx.mass is not None:
-            grad.mul_(ctx.mass)
-        if target.index is None:
-            grad.sub_(p)
-        elif target.fill is None:
-            grad.scatter_add_(-1, target.index, -p)
-        else:
-            fill = _as(target.fill, dtype)
-            grad.sub_(fill).scatter_add_(-1, target.index, fill - p)
-        grad.mul_(kd_weight * temperature / batch)
-        if ctx.logp1 is not None and ce_weight != 0.0:
-            q1 = ctx.logp1.exp()
-            y = ctx.y.unsqueeze(-1)
-            q1.scatter_add_(-1, y, q1.new_full(y.shape, -1.0))  # q_1 - onehot(y)
-            if ctx.scale is None:
-                grad.add_(q1, alpha=ce_weight / batch)
-            else:
-                grad.addcmul_(q1, ctx.scale, value=ce_weight)
-        grad.mul_(grad_total)
+        # On the CPU the incoming scalar is read for free (it is 1 from .backward()); elsewhere
+        # reading it would be a device sync, so it is multiplied in.
+        if grad_total.device.type != "cpu" or float(grad_total) != 1.0:
+            grad = grad * grad_total
         return (_as(grad, logits.dtype), *none)
 
 
 def _sum_p_log_ratio(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``sum p * (log p - log q)`` over all elements of all ``(p, log p, log q)`` parts, with
-    ``0 * log 0 = 0`` terms even where ``log p`` or ``log q`` is ``-inf``. Such a term is the
-    only way the plain sum turns NaN (``0 * inf``) other than NaN inputs, so on the CPU (where
-    reading a scalar is free) the masked sum -- two more passes, the slowest elementwise ones
-    here -- is taken only when the plain one is NaN; otherwise the two are equal bit for bit.
-    Elsewhere (a read-back would be a device sync) it is always masked."""
-    terms = [p * (logp - logq) for p, logp, logq in parts]
-    if terms[0].device.type == "cpu":
-        total = terms[0].sum()
-        for t in terms[1:]:
-            total = total + t.sum()
+    """``sum p * (log p - log q)`` over all elements of all ``(p, log p, log q)`` parts (one dot
+    product each), with ``0 * log 0 = 0`` terms even where ``log p`` or ``log q`` is ``-inf``.
+    Such a term is the only way the plain sum turns NaN (``0 * inf``) other than NaN inputs, so
+    on the CPU (where reading a scalar is free) the masked sum -- two more passes, the slowest
+    elementwise ones here -- is taken only when the plain one is NaN; otherwise the two are
+    equal. Elsewhere (a read-back would be a device sync) it is always masked."""
+    if parts[0][0].device.type == "cpu":
+        total = None
+        for p, logp, logq in parts:
+            s = torch.vdot(p.reshape(-1), (logp - logq).reshape(-1))
+            total = s if total is None else total + s
         if not math.isnan(total.item()):
             return total
     total = None
-    for (p, _, _), t in zip(parts, terms):
-        s = torch.where(p > 0, t, 0.0).sum()
+    for p, logp, logq in parts:
+        s = torch.where(p > 0, p * (logp - logq), 0.0).sum()
         total = s if total is None else total + s
     return total
 
@@ -535,7 +598,7 @@ class DistillationMethod(nn.Module):
     stage=None) -> LossOutput`` where ``targets`` maps store array names to batch tensors:
     ``topk_values [B, k]`` (T=1 logits, sorted descending), ``topk_indices [B, k]``,
     ``logsumexp [B]`` (the column of ``self.temperature``), ``label_logit [B]``,
-    ``features/<name> [B, D]``.
+    ``features/<name> [B, D]``; or the rows of :meth:`prepare_rows`'s loss-ready fields.
     """
 
     name: ClassVar[str] = ""
@@ -551,6 +614,8 @@ class DistillationMethod(nn.Module):
     check_labels: str = "auto"
     _labels_checked: bool = False  # an accelerator batch passed the check
     _labels_nonnegative: bool | None = None  # per call: every label >= 0 (None: not known)
+    #: Keys of this method's loss-ready fields start with this (None: it has none).
+    prepared_prefix: str | None = None
 
     def __init__(self, *, num_classes: int | None = None) -> None:
         super().__init__()
@@ -563,6 +628,22 @@ class DistillationMethod(nn.Module):
     def stage(self, epoch: int, total_epochs: int) -> str:
         """Which loss applies in 0-based ``epoch`` of ``total_epochs``; pass it back as ``stage=``."""
         return self.stages[0]
+
+    def prepare_rows(
+        self, fields: Mapping[str, torch.Tensor], labels: torch.Tensor | None
+    ) -> dict[str, torch.Tensor] | None:
+        """Loss-ready targets for whole rows, so that a step does not rebuild them.
+
+        ``fields``: the store arrays of :attr:`needs` for ``N`` rows, as a batch holds them;
+        ``labels [N]`` (-1 = unlabelled; methods whose target depends on the label read it).
+        Returns ``{key: tensor [N, ...]}`` (keys start with :attr:`prepared_prefix`) such that
+        any selection of rows is a valid ``targets`` for this method's call and gives the same
+        loss as the raw fields of those rows; or None when the method has no such form (its
+        target is not a fixed per-row function of the stored row, or too large), and batches
+        then carry the raw fields. :class:`softlabels.distill_data.DistillDataset` calls it once
+        for preloaded arrays, otherwise once per batch.
+        """
+        return None
 
     def forward(
         self,
@@ -640,9 +721,18 @@ class DistillationMethod(nn.Module):
             elif self.requires_labels:
                 nonnegative = True  # the contract of these methods (checked on the first batch)
         needed = self._fields_needed(stage)
+        prefix = self.prepared_prefix
+        if prefix is not None and prefix + "probs" in targets:
+            needed = (prefix + "probs", prefix + "log_probs")
         missing = [name for name in needed if name not in targets]
         if missing:
             missing.sort()
+            other = sorted({n.rsplit("/", 1)[0] for n in targets if n.startswith(PREPARED_PREFIX)})
+            if other:
+                raise InvalidTargetsError(
+                    f"targets were prepared for {other[0]!r}, not for this method ({(prefix or self.name)!r}); "
+                    "build the dataset with this method (DistillDataset.for_method)"
+                )
             raise InvalidTargetsError(
                 f"method {self.name!r} needs store field(s) {missing} in targets (got {sorted(targets)}); "
                 "read them from the store (or re-dump with them)"
@@ -777,6 +867,9 @@ class _KDMethod(DistillationMethod):
     a :class:`_Target` (e.g. top-k probabilities + tail fill, no ``[B, C]`` scatter or log in
     the forward pass). It is used only while ``teacher_distribution`` is the one defined next to
     it: a subclass that overrides ``teacher_distribution`` alone gets exactly its own target.
+    ``_fast_target`` is a per-row function of the stored row (and its label), so such a method
+    also has loss-ready rows (:meth:`prepare_rows`): the target in :func:`_loss_ready` form,
+    computed once for a preloaded store.
     """
 
     _use_fast_target: ClassVar[bool] = False
@@ -810,12 +903,59 @@ class _KDMethod(DistillationMethod):
         """Teacher distribution at ``self.temperature``, ``[B, C]`` float32, rows sum to 1."""
         raise NotImplementedError
 
+    @property
+    def prepared_prefix(self) -> str | None:  # type: ignore[override]
+        """``"prepared/<name>,<target hyperparameters>,num_classes=C/"``: prepared rows are
+        only ever read by a method that would build the same target."""
+        if not self._use_fast_target:
+            return None
+        prefix = self.__dict__.get("_prepared_prefix")
+        if prefix is None:
+            keys = {k: v for k, v in self.hparams.items() if k not in ("ce_weight", "kd_weight")}
+            keys["num_classes"] = self.num_classes
+            prefix = PREPARED_PREFIX + ",".join([self.name, *(f"{k}={v}" for k, v in keys.items())]) + "/"
+            self.__dict__["_prepared_prefix"] = prefix
+        return prefix
+
+    def prepare_rows(self, fields, labels):
+        num_classes, prefix = self.num_classes, self.prepared_prefix
+        rows = labels.shape[0] if labels is not None else next((t.shape[0] for t in fields.values()), 0)
+        if prefix is None or num_classes is None or rows == 0:
+            return None
+        if self.requires_labels:
+            if labels is None:
+                return None
+            labels = labels.long().clamp(0, num_classes - 1)  # rows with no valid label fail the call's check
+        dense = 2 * 4 * rows * num_classes <= PREPARED_DENSE_BYTES
+        step = max(1, _PREPARE_CHUNK_ELEMENTS // num_classes)
+        out: dict[str, torch.Tensor] = {}
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            chunk = {name: t[start:stop] for name, t in fields.items()}
+            target = self._fast_target(None if labels is None else labels[start:stop], chunk, num_classes)
+            if target.index is None and not dense:
+                return None  # a dense-by-nature target over the budget: built per batch instead
+            part = _loss_ready(target, num_classes, dense).fields(prefix)
+            if not out:
+                out = {k: v.new_empty((rows, *v.shape[1:])) for k, v in part.items()}
+            for k, v in part.items():
+                out[k][start:stop] = v
+        return out
+
     def compute(self, student_logits, labels, targets, *, student_features, stage) -> LossOutput:
         return self._kd_output(student_logits, labels, targets, self._labels_nonnegative)
 
     def _kd_output(self, student_logits, labels, targets, all_labelled: bool | None) -> LossOutput:
         num_classes = student_logits.shape[-1]
-        if self._use_fast_target:
+        prefix = self.prepared_prefix
+        if prefix is not None and prefix + "probs" in targets:
+            target = _Target.from_fields(targets, prefix)
+            width = (target.probs if target.index is None else target.index).shape[-1]
+            if width > num_classes or (target.index is None and width != num_classes):
+                raise InvalidTargetsError(
+                    f"prepared targets have {width} classes per row, the student {num_classes}"
+                )
+        elif self._use_fast_target:
             target = self._fast_target(labels, targets, num_classes)
         else:
             probs = self.teacher_distribution(labels, targets, num_classes)
@@ -1032,6 +1172,10 @@ class KDGroundTruthSimilarityMethod(_SimMethod):
     def teacher_distribution(self, labels, targets, num_classes):
         pt = ground_truth_distribution(targets[LABEL_LOGIT], targets[LOGSUMEXP], labels, self.temperature, num_classes)
         return 0.5 * (pt + self._sim(labels).to(pt.device))
+
+    def _fast_target(self, labels, targets, num_classes):
+        # dense: the average of two distributions is one (its log is taken in the forward)
+        return _Target(self.teacher_distribution(labels, targets, num_classes), normalised=True)
 
 
 # -- hints -----------------------------------------------------------------------------

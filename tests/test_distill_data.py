@@ -87,7 +87,7 @@ def test_batches_equal_direct_store_reads(digits, digits_store, method, kwargs):
     ds, info = digits
     extra = {"student_feature_shape": 100, "teacher_feature_shape": 16} if method == "hint" else {}
     m = build_method(method, num_classes=10, **kwargs, **extra)
-    data = DistillDataset.for_method(ds, digits_store, m, info=info)
+    data = DistillDataset.for_method(ds, digits_store, m, info=info, prepare=False)
     assert set(data.fields) == set(m.needs)
     idx = np.random.default_rng(0).permutation(len(ds))[:77]
     batch = data.__getitems__(list(idx))
@@ -101,10 +101,20 @@ def test_batches_equal_direct_store_reads(digits, digits_store, method, kwargs):
     if fmt.LOGSUMEXP in m.needs:
         assert batch["targets"][fmt.LOGSUMEXP].shape == (77,)
     # the method accepts the batch as is
-    out = m(torch.randn(77, 10), batch["label"], batch["targets"], student_features=torch.randn(77, 100))
+    logits, feats = torch.randn(77, 10), torch.randn(77, 100)
+    out = m(logits, batch["label"], batch["targets"], student_features=feats)
     assert torch.isfinite(out.total)
+    # built for the method (the default), a batch carries its loss-ready rows: the same loss
+    ready = DistillDataset.for_method(ds, digits_store, m, info=info).__getitems__(list(idx))
+    if method == "hint":  # no prepared form: the raw fields
+        assert set(ready["targets"]) == set(m.needs)
+    else:
+        assert ready["targets"] and all(k.startswith(m.prepared_prefix) for k in ready["targets"])
+    again = m(logits, ready["label"], ready["targets"], student_features=feats)
+    assert again.total.item() == pytest.approx(out.total.item(), rel=2e-6)
 
 
+@pytest.mark.filterwarnings("ignore:store has top-6 of 10 classes")
 def test_one_store_read_per_batch(digits, digits_store):
     ds, info = digits
     m = build_method("kd", num_classes=10)
@@ -130,7 +140,7 @@ def test_preload_small_arrays_by_default(digits, digits_store):
 def test_dataloader_workers_cover_every_index_once(digits, digits_store):
     ds, info = digits
     m = build_method("kd", temperature=4.0, num_classes=10)
-    data = DistillDataset.for_method(ds, digits_store, m, info=info)
+    data = DistillDataset.for_method(ds, digits_store, m, info=info, prepare=False)
     sampler = StoreBatchSampler(data, 128, shuffle="chunks", seed=1)
     loader = make_loader(data, sampler, num_workers=2)
     batches = list(loader)
@@ -314,6 +324,7 @@ def test_pickled_dataset_gives_same_batches(digits, digits_store):
     assert torch.equal(a["input"], b["input"])
 
 
+@pytest.mark.filterwarnings("ignore:store has top-3 of 10 classes")
 def test_labelled_plus_transfer_concat(tmp_path):
     spec = "mnist1d:num_samples=200,transfer_samples=120"
     train, train_info = load_dataset(spec, "train")
@@ -338,7 +349,74 @@ def test_labelled_plus_transfer_concat(tmp_path):
         part, local = (parts[0], i) if i < 160 else (parts[1], i - 160)
         single = part.__getitems__([local])
         assert torch.equal(batch["input"][pos], single["input"][0])
-        for name in m.needs:
+        assert set(single["targets"]) == set(batch["targets"]) and single["targets"]
+        for name in single["targets"]:
             assert torch.equal(batch["targets"][name][pos], single["targets"][name][0])
     seen = np.concatenate(list(StoreBatchSampler(data, 64, shuffle="chunks", seed=0)))
     assert np.array_equal(np.sort(seen), np.arange(280))
+
+
+def _loss_and_grad(method, logits, batch):
+    z = logits.clone().requires_grad_(True)
+    labels = batch["label"] if bool((batch["label"] >= 0).any()) else None
+    out = method(z, labels, batch["targets"])
+    out.total.backward()
+    return out.total.item(), z.grad
+
+
+@pytest.mark.filterwarnings("ignore:store has top-6 of 10 classes")
+@pytest.mark.parametrize("method,kwargs", [("kd", {}), ("kd-topk", {"k": 3}), ("kd-pt", {"temperature": 2.0}),
+                                           ("kd-sim", {}), ("kd-pt+sim", {})])
+def test_prepared_batches_equal_raw_batches(digits, digits_store, method, kwargs):
+    """Rows prepared once (preloaded), per batch (streamed) and the raw fields give the same
+    loss and gradient, batch after batch."""
+    ds, info = digits
+    store = open_store(digits_store)
+    m = build_method(method, num_classes=10, classifier_weight=torch.as_tensor(store.classifier()[0]), **kwargs)
+    once = DistillDataset.for_method(ds, store, m, info=info)
+    streamed = DistillDataset.for_method(ds, store, m, info=info, preload=False)
+    raw = DistillDataset.for_method(ds, store, m, info=info, prepare=False)
+    assert once._prepared and not raw._prepared
+    assert bool(streamed._prepared) == (not m.needs)  # kd-sim reads no store field: nothing to stream
+    g = torch.Generator().manual_seed(0)
+    for ix in list(StoreBatchSampler(once, 100, seed=2))[:3]:
+        batches = [d.__getitems__(ix) for d in (once, streamed, raw)]
+        assert set(batches[0]["targets"]) == set(batches[1]["targets"]) != set(batches[2]["targets"])
+        logits = torch.randn(len(ix), 10, generator=g) * 3
+        (v0, g0), (v1, g1), (v2, g2) = (_loss_and_grad(m, logits, b) for b in batches)
+        assert v0 == v1 and torch.equal(g0, g1)  # the same function, once or per batch
+        assert v0 == pytest.approx(v2, rel=2e-6)
+        torch.testing.assert_close(g0, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_prepared_concat_with_unlabelled_rows_views_and_workers(tmp_path):
+    """A labelled split + an unlabelled transfer split (mixed labels in one batch), a store with
+    3 views read per epoch, and DataLoader workers: prepared rows give the raw fields' loss."""
+    spec = "mnist1d:num_samples=200,transfer_samples=120"
+    train, train_info = load_dataset(spec, "train")
+    transfer, transfer_info = load_dataset(spec, "transfer")
+    s1 = _store_for(tmp_path / "train.zarr", train_info, train.inputs, k=4, views=3)
+    s2 = _store_for(tmp_path / "transfer.zarr", transfer_info, transfer.inputs, k=4, views=3)
+    m = build_method("kd", temperature=2.0, num_classes=10)
+
+    def build(**kw):
+        return ConcatDistillDataset([
+            DistillDataset.for_method(train, s1, m, info=train_info, views="next", **kw),
+            DistillDataset.for_method(transfer, s2, m, info=transfer_info, views="next", **kw),
+        ])
+
+    with pytest.warns(UserWarning, match="top-4 of 10"):
+        ready, raw = build(), build(prepare=False)
+        assert all(p._prepared for p in ready.parts)
+        idx = BatchIndices([279, 0, 160, 159, 200, 5, 17], epoch=2)
+        a, b = ready.__getitems__(idx), raw.__getitems__(idx)
+        assert (a["label"] < 0).any() and (a["label"] >= 0).any() and a["view"].tolist() == [2] * 7
+        logits = torch.randn(7, 10, generator=torch.Generator().manual_seed(3))
+        (va, ga), (vb, gb) = _loss_and_grad(m, logits, a), _loss_and_grad(m, logits, b)
+        assert va == pytest.approx(vb, rel=2e-6)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+    sampler = StoreBatchSampler(ready, 64, seed=1)
+    for batch in make_loader(ready, sampler, num_workers=2):
+        here = ready.__getitems__(batch["index"].tolist())
+        assert set(batch["targets"]) == set(here["targets"])
+        assert all(torch.equal(batch["targets"][k], here["targets"][k]) for k in here["targets"])

@@ -649,7 +649,7 @@ def test_fast_path_matches_plain_graph(name, hp, B, C, T, value_dtype):
         warnings.simplefilter("ignore")
         ref_total, ref_comps, ref_grad = graph_kd(m, case["zs"], y, t)
         out = m(case["zs"], y, t)
-    assert m._use_fast_target == (name != "kd-pt+sim")  # kd-pt+sim: dense teacher_distribution
+    assert m._use_fast_target  # every built-in KD method has its fast (and preparable) target
     assert out.total.item() == pytest.approx(ref_total.item(), rel=2e-6, abs=1e-6)
     assert set(out.components) == set(ref_comps)
     for key, value in out.components.items():
@@ -819,3 +819,144 @@ def test_fast_path_when_the_tail_mass_rounds_to_zero():
     assert torch.isfinite(out.total) and out.total.item() == pytest.approx(ref_total.item(), rel=2e-6)
     out.total.backward()
     torch.testing.assert_close(case["zs"].grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# Prepared (loss-ready) rows: the same loss as the raw fields, computed once per row
+# ---------------------------------------------------------------------------------------
+def prepared_batch(method, targets, y, rows):
+    """Prepare every row of ``targets`` once, then select ``rows`` (what a dataset does)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = method.prepare_rows({k: v for k, v in targets.items() if k in method.needs}, y)
+    return {k: v[rows] for k, v in prepared.items()}
+
+
+# unlabelled rows only for the methods that accept them (the others refuse them, tested above)
+PREPARED_CASES = [(n, hp, lab) for n, hp in KD_FAMILY for lab in ("all", "mixed", "none")
+                  if lab == "all" or n in ("kd", "kd-topk")]
+
+
+@pytest.mark.parametrize("name,hp,labels", PREPARED_CASES)
+@pytest.mark.parametrize("dense", [True, False])
+def test_prepared_rows_equal_raw_fields(monkeypatch, name, hp, dense, labels):
+    """Values, components and gradients from prepared rows equal those of the raw-fields call
+    (dense [N, C] rows, or the sparse form when dense ones would not fit) and the dense
+    reference; for kd-topk with k < C and k == C, kd-pt, kd-sim, kd-pt+sim, unlabelled rows."""
+    import softlabels.losses as losses
+
+    if not dense:
+        monkeypatch.setattr(losses, "PREPARED_DENSE_BYTES", 0)
+    case = make_case(name, 24, 10, 21, value_dtype=torch.float16, **hp)
+    m, y, t = case["method"], case["y"], case["targets"]
+    if labels == "mixed":
+        y = y.clone()
+        y[::3] = -1
+    rows = torch.tensor([5, 0, 23, 7, 7, 12, 3, 19])
+    sparse_by_nature = name == "kd-pt" or hp.get("k", 10) < 10  # k == C top-k, sim targets are dense
+    if not dense and not sparse_by_nature:  # dense rows over the budget: prepared per batch instead
+        assert m.prepare_rows(t, y) is None
+        return
+    prepared = prepared_batch(m, t, None if labels == "none" else y, rows)
+    assert prepared and all(k.startswith(m.prepared_prefix) for k in prepared)
+    assert m.prepared_prefix.startswith("prepared/" + m.name + ",")
+    assert (m.prepared_prefix + "index" in prepared) == (not dense)
+    y_batch = None if labels == "none" else y[rows]
+    raw = {k: v[rows] for k, v in t.items()}
+    zs = case["zs"].detach()[rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_total, ref_comps, ref_grad = graph_kd(m, zs, y_batch, raw)
+        z_raw = zs.clone().requires_grad_(True)
+        out_raw = m(z_raw, y_batch, raw)
+    z_prep = zs.clone().requires_grad_(True)
+    out = m(z_prep, y_batch, prepared)
+    assert out.total.item() == pytest.approx(out_raw.total.item(), rel=2e-6, abs=1e-6)
+    assert out.total.item() == pytest.approx(ref_total.item(), rel=2e-6, abs=1e-6)
+    assert set(out.components) == set(out_raw.components) == set(ref_comps)
+    for key, value in out.components.items():
+        assert value.item() == pytest.approx(out_raw.components[key].item(), rel=2e-6, abs=1e-6)
+    out.total.backward()
+    out_raw.total.backward()
+    torch.testing.assert_close(z_prep.grad, z_raw.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(z_prep.grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_prepared_rows_full_k_equal_dense_teacher_kd():
+    """KD from prepared rows of a full-k store equals KD against the dense teacher softmax."""
+    case = make_case("kd", 16, 12, 22)
+    m, y = case["method"], case["y"]
+    rows = torch.arange(16).flip(0)
+    prepared = prepared_batch(m, case["targets"], None, rows)
+    assert set(prepared) == {m.prepared_prefix + "probs", m.prepared_prefix + "log_probs"}  # dense
+    zs = case["zs"].detach()[rows].requires_grad_(True)
+    out = m(zs, y[rows], prepared)
+    ref = ref_kd(zs.detach(), ref_softmax(case["zt"][rows] / 4.0), y[rows], 4.0, 0.1, 0.9)
+    assert out.total.item() == pytest.approx(ref.item(), rel=1e-5)
+    out.total.backward()
+    zr = zs.detach().double().requires_grad_(True)
+    ref_kd(zr, ref_softmax(case["zt"][rows] / 4.0), y[rows], 4.0, 0.1, 0.9).backward()
+    torch.testing.assert_close(zs.grad.double(), zr.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,hp", [("kd", {}), ("kd-pt", {}), ("kd-topk", {"k": 3})])
+def test_prepared_rows_empty_batch_and_double_backward(name, hp):
+    case = make_case(name, 6, 10, 23, **hp)
+    m, y = case["method"], case["y"]
+    empty = prepared_batch(m, case["targets"], y, torch.arange(0))
+    z = torch.zeros(0, 10, requires_grad=True)
+    out = m(z, y[:0], empty)
+    assert out.total.item() == 0.0
+    out.total.backward()
+    assert z.grad.shape == (0, 10)
+    prepared = prepared_batch(m, case["targets"], y, torch.arange(6))
+    zs = case["zs"].detach().double().requires_grad_(True)
+    v = torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def hvp(loss):
+        (g,) = torch.autograd.grad(loss, zs, create_graph=True)
+        return torch.autograd.grad((g * v).sum(), zs)[0]
+
+    p = m.teacher_distribution(y, case["targets"], 10).double()
+    ref = m.kd_weight * 16.0 * kl_divergence(zs, p, 4.0) + m.ce_weight * cross_entropy(zs, y)
+    torch.testing.assert_close(hvp(m(zs, y, prepared).total), hvp(ref), rtol=1e-6, atol=1e-9)
+
+
+def test_prepared_rows_errors_and_declines():
+    case = make_case("kd", 4, 10, 24)
+    m, y, t = case["method"], case["y"], case["targets"]
+    prepared = prepared_batch(m, t, None, torch.arange(4))
+    other = build_method("kd", temperature=2.0, num_classes=10)
+    with pytest.raises(InvalidTargetsError, match=r"prepared for 'prepared/kd,temperature=4.0,num_classes=10'"):
+        other(case["zs"], y, prepared)
+    with pytest.raises(InvalidTargetsError, match="rows, the batch has 3"):
+        m(case["zs"][:3], y[:3], prepared)
+    with pytest.raises(InvalidTargetsError, match="out of range"):  # labels are still checked per batch
+        m(case["zs"], torch.tensor([0, 1, 2, 10]), prepared)
+    # no prepared form: label-only methods, hints, a subclass with its own target, unknown C
+    assert build_method("ce", num_classes=10).prepare_rows({}, y) is None
+    assert build_method("kd", temperature=4.0).prepare_rows(t, None) is None
+
+    class Sharper(type(m)):
+        def teacher_distribution(self, labels, targets, num_classes):
+            return super().teacher_distribution(labels, targets, num_classes) ** 2
+
+    assert Sharper(num_classes=10).prepare_rows(t, None) is None and Sharper(num_classes=10).prepared_prefix is None
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_fused_kd_gradient_scaled_and_retained_graph(T):
+    """The gradient computed in the forward is handed over once: an incoming gradient != 1
+    scales it, and a second backward through a retained graph (autograd may have accumulated
+    into the first one) is still exact."""
+    case = make_case("kd-topk", 8, 10, 25, k=4, temperature=T)
+    m, y, t = case["method"], case["y"], case["targets"]
+    _, _, ref_grad = graph_kd(m, case["zs"], y, t)
+    zs = case["zs"].detach().requires_grad_(True)
+    out = m(zs, y, t)
+    (-2.5 * out.total).backward(retain_graph=True)
+    torch.testing.assert_close(zs.grad, -2.5 * ref_grad, rtol=1e-5, atol=1e-7)
+    out.total.backward()
+    torch.testing.assert_close(zs.grad, -1.5 * ref_grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # no gradient wanted: none is computed, the loss is the same
+        assert m(zs, y, t).total.item() == pytest.approx(out.total.item(), rel=1e-7)
