@@ -124,9 +124,6 @@ class _QueuedRanges(torch.utils.data.Sampler):
             for s in range(start, stop, self.batch_size):
                 yield list(range(s, min(s + self.batch_size, stop)))
 
-    def __len__(self) -> int:
-        return sum(math.ceil((stop - start) / self.batch_size) for start, stop in self.queued)
-
 
 class BatchStream:
     """One persistent DataLoader over the units a worker will compute, in order.
