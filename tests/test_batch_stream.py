@@ -30,12 +30,16 @@ class Rows(torch.utils.data.Dataset):
         return torch.cat([self.data[i], torch.tensor([float(os.getpid())])]), 0
 
 
+def rows(stream: BatchStream, start: int, stop: int) -> torch.Tensor:
+    return torch.cat([x for x, _ in stream.batches(start, stop)])
+
+
 def unit(stream: BatchStream, start: int, stop: int) -> torch.Tensor:
-    return torch.cat(list(stream.batches(start, stop)))[:, :3]
+    return rows(stream, start, stop)[:, :3]
 
 
 def pids(stream: BatchStream, start: int, stop: int) -> set[int]:
-    return {int(p) for p in torch.cat(list(stream.batches(start, stop)))[:, 3]}
+    return {int(p) for p in rows(stream, start, stop)[:, 3]}
 
 
 @pytest.mark.parametrize("workers", [0, 1])

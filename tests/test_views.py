@@ -161,6 +161,46 @@ def test_crop_flip_view_replayed_bit_identical(tmp_path, one_torch_thread):
         np.testing.assert_array_equal(store.array(spec.name)[...], other.array(spec.name)[...], err_msg=spec.name)
 
 
+def test_multi_view_file_dump_streams_all_units_through_one_loader(tmp_path, monkeypatch, one_torch_thread):
+    """A multi-view dump of image files decodes through the worker's one persistent stream (one
+    DataLoader, one decode process for every unit, prefetching across units as the Ray actor
+    announces them), and gets exactly the arrays of a dump decoded in-process."""
+    from softlabels.models import build_model
+
+    _varied_imagefolder(tmp_path / "img", count=20)
+    spec = f"imagefolder:{tmp_path / 'img'}?size=16&crop=16"
+    torch.manual_seed(0)
+    torch.save(build_model("mlp", (3, 16, 16), 2).state_dict(), tmp_path / "mlp.pt")
+    made = []
+    original = torch.utils.data.DataLoader.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(kwargs.get("num_workers", 0))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", counting)
+    stores = {}
+    for workers in (1, 0):
+        config = _config(tmp_path / f"w{workers}", tmp_path / "mlp.pt", teacher="builtin:mlp", dataset=spec, k=2,
+                         views=2, augment="crop-flip", batch_size=3, rows_per_shard=4, rows_per_chunk=4,
+                         loader_workers=workers)
+        predictor = TeacherPredictor(config, device=torch.device("cpu"))
+        schema, weight, bias = plan_store(config, predictor)
+        writer = StoreWriter.create(config.out, schema, classifier_weight=weight, classifier_bias=bias)
+        assert schema.num_units == 5
+        made.clear()
+        for unit in range(schema.num_units):  # announced up front, as calls reach the actor
+            predictor.announce(*schema.unit_range(unit))
+        for unit in range(schema.num_units):
+            writer.mark_complete(unit, predictor.write_unit(unit))
+        writer.finalize()
+        assert made == [workers], f"{len(made)} DataLoaders for {schema.num_units} units"
+        stores[workers] = open_store(config.out)
+    for spec_ in stores[0].schema.per_sample_arrays():
+        np.testing.assert_array_equal(stores[1].array(spec_.name)[...], stores[0].array(spec_.name)[...],
+                                      err_msg=spec_.name)
+
+
 # --------------------------------------------------------------------------------------
 # determinism: workers, unit order, resume
 # --------------------------------------------------------------------------------------

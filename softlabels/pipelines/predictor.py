@@ -92,18 +92,16 @@ def load_inputs(config: DumpConfig) -> Loaded:
 
 
 class _SampleViews(torch.utils.data.Dataset):
-    """Item ``j`` = sample ``start + j``: its index, its V views' parameters and the V views
-    ``[V, ...]`` built by the policy (what a DataLoader worker computes for a file dataset)."""
+    """Item ``i`` = sample ``i``: its index, its V views' parameters and the V views ``[V, ...]``
+    built by the policy (what a decode worker computes for a multi-view dump of a file dataset)."""
 
-    def __init__(self, dataset: Any, policy: Any, seed: int, views: int, start: int, stop: int) -> None:
+    def __init__(self, dataset: Any, policy: Any, seed: int, views: int) -> None:
         self.dataset, self.policy, self.seed, self.views = dataset, policy, seed, views
-        self.start, self.stop = start, stop
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.dataset)
 
-    def __getitem__(self, j: int):
-        i = self.start + j
+    def __getitem__(self, i: int):
         raw = self.policy.sample(self.seed, np.array([i]), self.views, self.dataset)
         params = {fmt.AUGMENT_PREFIX + name: arr[0] for name, arr in raw.items()}
         x = self.policy.build(self.dataset, np.full(self.views, i), {name: arr[0] for name, arr in raw.items()})
@@ -158,7 +156,7 @@ class BatchStream:
         self._iterator = None  # the next iter() of the persistent loader drops what is in flight
 
     def batches(self, start: int, stop: int):
-        """The input batches of rows ``[start, stop)``, in order."""
+        """The collated batches of rows ``[start, stop)``, in order."""
         if not self._announced or self._announced[0] != (start, stop):
             later = [r for r in self._announced if r != (start, stop)]
             self.reset()
@@ -167,7 +165,7 @@ class BatchStream:
         finished = False
         try:
             for _ in range(math.ceil((stop - start) / self.batch_size)):
-                yield self._next()[0]
+                yield self._next()
             finished = True
         finally:
             if finished:
@@ -225,18 +223,25 @@ class TeacherPredictor:
             for s in range(start, stop, self.config.batch_size):
                 yield self.dataset.inputs[s : min(s + self.config.batch_size, stop)]
             return
-        yield from self._batch_stream().batches(start, stop)
+        for x, _ in self._batch_stream().batches(start, stop):
+            yield x
 
     def _batch_stream(self) -> BatchStream:
+        """The worker's one stream: of ``(input, label)`` items, or for a multi-view dump of
+        :class:`_SampleViews` items (each sample's file decoded once for its V views)."""
         if self._stream is None:
-            self._stream = BatchStream(self.dataset, self.config.batch_size, self.config.loader_workers,
+            source = self.dataset
+            if self.augmented:
+                source = _SampleViews(self.dataset, self.policy, self.config.augment_seed, self.config.views)
+            self._stream = BatchStream(source, self.config.batch_size, self.config.loader_workers,
                                        pin_memory=self.device.type == "cuda")
         return self._stream
 
     def announce(self, start: int, stop: int) -> None:
         """Rows ``[start, stop)`` come next after those already announced: their decoding may
-        start now. Only a hint (see :class:`BatchStream`); in-memory and multi-view dumps ignore it."""
-        if not self._in_memory() and not self.augmented:
+        start now. Only a hint (see :class:`BatchStream`); in-memory datasets (sliced, nothing to
+        decode) ignore it."""
+        if not self._in_memory():
             self._batch_stream().announce(start, stop)
 
     @torch.inference_mode()
@@ -261,18 +266,14 @@ class TeacherPredictor:
     def _view_batches(self, start: int, stop: int):
         """``(index, params, views)`` per batch; ``views(v)`` gives view v's inputs. In-memory
         datasets build a view as one vectorised op; file datasets (images) build all V views of
-        a sample in a DataLoader item (decoding the file once), in ``loader_workers`` processes."""
+        a sample in one stream item (decoding the file once), in ``loader_workers`` processes."""
         if self._in_memory():
             for s in range(start, stop, self.config.batch_size):
                 index = np.arange(s, min(s + self.config.batch_size, stop), dtype=np.int64)
                 params = self.view_params(index)
                 yield index, params, lambda view, index=index, params=params: self.views_for(index, params, view)
             return
-        items = _SampleViews(self.dataset, self.policy, self.config.augment_seed, self.config.views, start, stop)
-        loader = torch.utils.data.DataLoader(
-            items, batch_size=self.config.batch_size, shuffle=False, num_workers=self.config.loader_workers
-        )
-        for index, params, x in loader:
+        for index, params, x in self._batch_stream().batches(start, stop):
             yield index.numpy(), {k: v.numpy() for k, v in params.items()}, lambda view, x=x: x[:, view]
 
     def _predict_views(self, start: int, stop: int) -> dict[str, np.ndarray]:
