@@ -223,8 +223,8 @@ class TeacherPredictor:
             for s in range(start, stop, self.config.batch_size):
                 yield self.dataset.inputs[s : min(s + self.config.batch_size, stop)]
             return
-        for x, _ in self._batch_stream().batches(start, stop):
-            yield x
+        for batch in self._batch_stream().batches(start, stop):
+            yield batch[0]  # the input of an (input, label, ...) item
 
     def _batch_stream(self) -> BatchStream:
         """The worker's one stream: of ``(input, label)`` items, or for a multi-view dump of
