@@ -20,8 +20,8 @@ stores up front. Deterministic given ``seed`` on CPU; CUDA with bf16 autocast wh
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,20 +31,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from softlabels.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, restore_rng, save_checkpoint
 from softlabels.datasets import load_dataset
 from softlabels.distill_data import ConcatDistillDataset, DistillDataset, StoreBatchSampler, make_loader
 from softlabels.distill_data import dataset_differences
 from softlabels.errors import InvalidTargetsError, SpecError
 from softlabels.fit import check_training_args
 from softlabels.losses import build_method, method_class, method_defaults
-from softlabels.models import build_model, list_models
+from softlabels.recipe import Precision, Recipe, build_optimizer, build_scheduler
 from softlabels.stores import format as fmt
 from softlabels.stores.reader import SoftLabelStore, open_store
+from softlabels.student import PENULTIMATE, StudentFeatures, build_student, check_student
+from softlabels.train_progress import EpochProgress
+from softlabels.train_transforms import train_transform_for
 
-__all__ = ["train_student", "build_student", "DEFAULTS", "StudentFeatures"]
+__all__ = ["train_student", "build_student", "DEFAULTS", "StudentFeatures", "default_preload_bytes"]
 
 #: Trainer defaults (the method hyperparameters default to softlabels.losses', see LOSSES.md).
 DEFAULTS = {"epochs": 60, "seed": 0, "batch_size": 128, "lr": 1e-2, "optimizer": "adam", "schedule": "cosine"}
+
+
+def default_preload_bytes() -> int:
+    """A quarter of the machine's RAM (1 GiB when it cannot be read): stores whose arrays are
+    larger stream chunk by chunk instead of being preloaded."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
 
 _TOPK = frozenset({fmt.TOPK_VALUES, fmt.TOPK_INDICES})
 
@@ -52,42 +65,6 @@ _TOPK = frozenset({fmt.TOPK_VALUES, fmt.TOPK_INDICES})
 # --------------------------------------------------------------------------------------
 # Small helpers the recipe uses
 # --------------------------------------------------------------------------------------
-def build_student(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """``builtin:<arch>`` (or a bare ``<arch>``) from :mod:`softlabels.models`."""
-    kind, sep, arch = spec.strip().partition(":")
-    if not sep:
-        kind, arch = "builtin", kind
-    if kind != "builtin" or not arch:
-        raise SpecError(f"unknown student spec '{spec}'; use builtin:<arch> with arch one of: {', '.join(list_models())}")
-    try:
-        return build_model(arch, input_shape, num_classes)
-    except SpecError as exc:
-        if arch.strip().lower() not in list_models():
-            raise SpecError(
-                f"unknown student spec '{spec}'; use builtin:<arch> with arch one of: {', '.join(list_models())}"
-            ) from None
-        raise exc
-
-
-class StudentFeatures:
-    """Captures the input of ``model.classifier`` (the penultimate feature, the student's hint
-    layer) on every forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        head = getattr(model, "classifier", None)
-        if not isinstance(head, nn.Linear):
-            raise SpecError("the hint method needs a student whose final layer is an nn.Linear named 'classifier'")
-        self.dim = head.in_features
-        self.value: torch.Tensor | None = None
-        self._handle = head.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.value = args[0].flatten(1)
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
 def _needs_store(method: str) -> bool:
     defaults = method_defaults(method)
     return bool(method_class(method).needs) or any(
@@ -129,24 +106,27 @@ def _check_same_teacher(
     return allowed
 
 
-def _eval_batches(dataset: Any, batch_size: int = 1024):
-    """``(x, y)`` batches of a held-out split: tensor slices for in-memory datasets, else a DataLoader."""
+def _eval_batches(dataset: Any, batch_size: int = 1024, num_workers: int = 0):
+    """``(x, y)`` batches of a held-out split: tensor slices for in-memory datasets, else a
+    DataLoader (decoding in ``num_workers`` processes) with the split's eval preprocessing."""
     inputs, targets = getattr(dataset, "inputs", None), getattr(dataset, "targets", None)
     if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor):
         for start in range(0, inputs.shape[0], batch_size):
             yield inputs[start : start + batch_size], targets[start : start + batch_size]
         return
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=256):
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers):
         yield x, torch.as_tensor(y, dtype=torch.int64)
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, dataset: Any, device: torch.device, autocast) -> float:
+def _accuracy(model: nn.Module, dataset: Any, device: torch.device, precision: Precision, *,
+              num_workers: int = 0, memory_format: torch.memory_format = torch.preserve_format) -> float:
     model.eval()
     correct = total = 0
-    for x, y in _eval_batches(dataset):
-        with autocast():
-            pred = model(x.to(device, non_blocking=True)).argmax(dim=-1).cpu()
+    for x, y in _eval_batches(dataset, num_workers=num_workers):
+        with precision.autocast():
+            x = x.to(device, non_blocking=True, memory_format=memory_format if x.ndim == 4 else torch.preserve_format)
+            pred = model(x).argmax(dim=-1).cpu()
         correct += int((pred == y).sum())
         total += int(y.shape[0])
     model.train()
@@ -183,6 +163,12 @@ def train_student(
     warn: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     storage_options: dict | None = None,
+    recipe: Recipe | None = None,
+    augment: bool = True,
+    student_feature_layer: str = PENULTIMATE,
+    max_preload_bytes: int | None = None,
+    shuffle: str = "auto",
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train ``student_arch`` on ``dataset_spec`` with ``method`` from the store(s) at
     ``store_path`` (a path, a list of paths -- one per split, e.g. train + transfer -- or None
@@ -193,6 +179,16 @@ def train_student(
     augmentation the teacher never saw (see :mod:`softlabels.augment`). Returns the metrics also written to
     ``out_dir/metrics.json``; the student's ``state_dict`` goes to ``out_dir/student.pt``.
     ``storage_options`` are fsspec options for remote stores (``s3://``, ``http(s)://``).
+
+    ``student_arch`` is any spec of :mod:`softlabels.specs` (``torchvision:resnet18``, ...).
+    ``recipe`` (:class:`softlabels.recipe.Recipe`; default: Adam at ``lr``, cosine) sets the
+    optimizer, schedule, warm-up, AMP, channels-last and clipping. Image datasets with raw images
+    train on a random-resized crop + flip unless ``augment=False``; evaluation uses the split's
+    (the dump's) preprocessing. ``student_feature_layer`` names the student module the ``hint``
+    method regresses. Stores whose arrays exceed ``max_preload_bytes`` (default
+    :func:`default_preload_bytes`) stream with the chunk-aware order (``shuffle="auto"``; or
+    ``"full"``/``"chunks"``). Every epoch writes ``out_dir/checkpoint.pt``; ``resume=True``
+    continues from it (refused when the arguments differ).
     """
     wall_start = time.perf_counter()
     warn = warn or _stderr_warning
@@ -204,7 +200,12 @@ def train_student(
 
     # -- 0. arguments ------------------------------------------------------------------
     method_class(method)  # unknown name -> SpecError listing the known methods
+    recipe = recipe or Recipe(lr=lr)
+    lr = recipe.lr
     check_training_args(epochs=epochs, batch_size=batch_size, lr=lr)
+    if shuffle not in ("auto", "full", "chunks"):
+        raise SpecError(f"shuffle must be auto, full or chunks, got {shuffle!r}")
+    preload_bytes = default_preload_bytes() if max_preload_bytes is None else int(max_preload_bytes)
     hparams = dict(hparams or {})
     accepted = method_defaults(method)
     if temperature is not None:
@@ -242,18 +243,20 @@ def train_student(
 
     # -- 3. student and method -----------------------------------------------------------
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    )
+    precision = Precision(recipe.amp, device)
+    if recipe.amp and precision.dtype is None:
+        note("--amp has no effect on the CPU; training in float32")
+    memory_format = torch.channels_last if recipe.channels_last and len(input_shape) == 3 else torch.preserve_format
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = build_student(student_arch, input_shape, num_classes)
+        check_student(student, student_arch, input_shape, num_classes)
         constants: dict[str, Any] = {"num_classes": num_classes}
         if stores and stores[0].schema.classifier_dim is not None:
             constants["classifier_weight"] = torch.as_tensor(stores[0].classifier()[0])
         hint = None
         if "teacher_feature_shape" in accepted:
-            hint = StudentFeatures(student)
+            hint = StudentFeatures(student, student_feature_layer)
             feature = str(hparams.get("feature", accepted.get("feature") or "penultimate"))
             name = feature.removeprefix(fmt.FEATURES_PREFIX)
             dims = dict(stores[0].schema.features)
@@ -263,7 +266,7 @@ def train_student(
                     f"{', '.join(dims) or 'none'}); re-dump with --feature-layer or choose another method"
                 )
             constants["teacher_feature_shape"] = (dims[name],)
-            hparams.setdefault("student_feature_shape", (hint.dim,))
+            hparams.setdefault("student_feature_shape", hint.probe(student, input_shape))
         if "k" in accepted and k is not None:
             for store in stores:  # before build_method, whose own check only knows num_classes
                 if k > store.k:
@@ -289,7 +292,8 @@ def train_student(
     parts = [
         DistillDataset.for_method(
             dataset, store, loss_fn, info=info, k=k, views=views, seed=seed, allow_mismatch=allow_mismatch,
-            student_augment=student_augment,
+            student_augment=student_augment, preload_bytes=preload_bytes,
+            train_transform=train_transform_for(dataset, input_shape, augment),
         )
         for (dataset, info), store in zip(loaded, stores or [None])
     ]
@@ -299,36 +303,55 @@ def train_student(
     for path, (dataset, info), store in zip(paths, loaded, stores):
         allowed_mismatch += [{"store": path, **d.to_dict()} for d in dataset_differences(store, dataset, info)]
     train_data = parts[0] if len(parts) == 1 else ConcatDistillDataset(parts)
-    sampler = StoreBatchSampler(
-        train_data, batch_size, shuffle=True if train_data.preloaded_all else "chunks", seed=seed
-    )
+    if shuffle == "auto":
+        shuffle = "full" if train_data.preloaded_all else "chunks"
+    if batch_size > len(train_data):
+        raise SpecError(
+            f"--batch-size {batch_size} is larger than the {len(train_data)} training samples; use --batch-size <= {len(train_data)}"
+        )
+    sampler = StoreBatchSampler(train_data, batch_size, shuffle=True if shuffle == "full" else "chunks", seed=seed)
     batches: Any = sampler  # in-process: one __getitems__ per batch, no DataLoader machinery
     if num_workers > 0:
         batches = make_loader(train_data, sampler, num_workers=num_workers, pin_memory=device.type == "cuda")
 
     eval_set = None
+    if eval_split == "auto":  # test, else val (an ImageFolder with train/ and val/)
+        eval_split = next((s for s in ("test", "val") if _has_split(dataset_spec, s)), None)
     if eval_split:
         eval_set, eval_info = load_dataset(dataset_spec, eval_split)
         if eval_info.labels is None:
             raise SpecError(f"the {eval_split} split of {eval_info.spec} is unlabeled; choose a labelled eval split")
 
-    student.to(device)
+    student.to(device, memory_format=memory_format)
     loss_fn.to(device)
     params = [*student.parameters(), *loss_fn.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = build_optimizer(recipe, [student, loss_fn])
     steps = epochs * len(sampler)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    scheduler = build_scheduler(recipe, optimizer, len(sampler), epochs)
+    out_path = Path(out_dir)
+    run_args = _jsonable({
+        "store": paths, "dataset": dataset_spec, "student": student_arch, "method": method, "hparam": hparams,
+        "k": k, "epochs": epochs, "seed": seed, "batch_size": batch_size, "views": views,
+        "student_augment": student_augment, "augment": augment, "student_feature_layer": student_feature_layer,
+        "eval_split": eval_split, "shuffle": shuffle, **recipe.to_dict(),
+    })
 
     # -- 4. the loop -------------------------------------------------------------------
     history: list[dict[str, Any]] = []
     stages_run: list[str] = []
-    with torch.random.fork_rng(devices=[]), _Progress(progress, epochs) as bar:
+    start_epoch, step = 0, 0
+    with torch.random.fork_rng(devices=[]), EpochProgress(progress, epochs) as bar:
         torch.manual_seed(seed)
+        if resume:
+            history, stages_run, start_epoch, step = _resume(
+                out_path / CHECKPOINT, run_args, student, loss_fn, optimizer, scheduler, precision
+            )
         student.train()
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             epoch_start = time.perf_counter()
             sampler.set_epoch(epoch)
             train_data.set_epoch(epoch)
+            bar.start_epoch(epoch, len(sampler))
             stage = loss_fn.stage(epoch, epochs)
             if not stages_run or stages_run[-1] != stage:
                 stages_run.append(stage)
@@ -338,40 +361,52 @@ def train_student(
             for item in batches:
                 batch = item if num_workers > 0 else train_data.__getitems__(item)
                 has_labels = bool((batch["label"] >= 0).any())  # on the CPU copy: no device sync
-                x = batch["input"].to(device, non_blocking=True)
+                x = batch["input"].to(device, non_blocking=True, memory_format=memory_format)
                 labels = batch["label"].to(device, non_blocking=True) if has_labels else None
                 targets = {name: t.to(device, non_blocking=True) for name, t in batch["targets"].items()}
-                with autocast():
+                with precision.autocast():
                     logits = student(x)
                 feats = hint.value if hint is not None else None
                 out = loss_fn(logits.float(), labels, targets, student_features=feats, stage=stage)
-                optimizer.zero_grad(set_to_none=True)
-                out.total.backward()
-                optimizer.step()
+                precision.backward_step(out.total, optimizer, params, recipe.grad_clip)
                 scheduler.step()
+                step += 1
                 n = x.shape[0]
                 seen += n
                 total += out.total.detach() * n
                 for key, value in out.components.items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + value * n
+                if bar.enabled:  # running means for the bar (a device sync; not when quiet)
+                    bar.step(n, float(total) / seen, {key: float(v) / seen for key, v in parts_sum.items()})
+            train_seconds = time.perf_counter() - epoch_start
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "stage": stage,
                 "loss": float(total) / max(seen, 1),
                 "components": {key: float(v) / max(seen, 1) for key, v in parts_sum.items()},
-                "train_seconds": time.perf_counter() - epoch_start,
+                "train_seconds": train_seconds,
+                "images_per_second": seen / max(train_seconds, 1e-9),
+                "lr": optimizer.param_groups[0]["lr"],
             }
             if eval_set is not None:
-                record["test_accuracy"] = _accuracy(student, eval_set, device, autocast)
+                record["test_accuracy"] = _accuracy(student, eval_set, device, precision, num_workers=num_workers,
+                                                    memory_format=memory_format)
+                record["eval_split"] = eval_split
             history.append(record)
-            bar.update(record)
+            out_path.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(
+                out_path / CHECKPOINT, model=student, loss=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                scaler=precision.scaler,
+                info={"epoch": epoch + 1, "step": step, "sampler": {"epoch": epoch + 1, "batch": 0},
+                      "args": run_args, "history": history, "stages": stages_run},
+            )
+            bar.end_epoch(record)
             if on_epoch is not None:
                 on_epoch(record)
     if hint is not None:
         hint.remove()
 
     # -- 5. outputs --------------------------------------------------------------------
-    out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     torch.save({key: v.detach().cpu() for key, v in student.state_dict().items()}, out_path / "student.pt")
     store_rows = []
@@ -408,8 +443,13 @@ def train_student(
         "seed": seed,
         "batch_size": batch_size,
         "lr": lr,
-        "optimizer": "adam",
-        "schedule": "cosine to 0 over all steps",
+        "optimizer": recipe.optimizer,
+        "schedule": "cosine to 0 over all steps" if recipe.schedule == "cosine" and not recipe.warmup_epochs
+        else recipe.schedule,
+        "recipe": {**recipe.to_dict(), "amp": precision.name, "train_transform": _transform_name(parts[0]),
+                   "shuffle": shuffle, "preloaded": train_data.preloaded_all, "max_preload_bytes": preload_bytes,
+                   "student_feature_layer": student_feature_layer if hint is not None else None,
+                   "workers": num_workers, "resumed_from_epoch": start_epoch if resume else None},
         "steps": steps,
         "views": views,
         "replayed_augmentation": [(s.schema.augmentation or {}).get("policy", "none") for s in stores],
@@ -441,40 +481,34 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
-class _Progress:
-    """Rich progress on stderr: epoch, loss, test accuracy. A no-op when disabled."""
+def _has_split(dataset_spec: str, split: str) -> bool:
+    try:
+        load_dataset(dataset_spec, split)
+    except SpecError:
+        return False
+    return True
 
-    def __init__(self, enabled: bool, epochs: int) -> None:
-        self.enabled, self.epochs, self.bar = enabled, epochs, None
 
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _transform_name(part: DistillDataset) -> str:
+    if part._policy is not None:
+        return f"replayed {part._policy.name} views"
+    return "eval preprocessing" if part.train_transform is None else part.train_transform.name
 
-            self.bar = Progress(
-                TextColumn("[bold]train[/] epoch"),
-                MofNCompleteColumn(),
-                BarColumn(),
-                TextColumn("loss {task.fields[loss]}  test acc {task.fields[acc]}"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=self.epochs, loss="-", acc="-")
-        return self
 
-    def update(self, record: dict[str, Any]) -> None:
-        if self.bar is not None:
-            acc = record.get("test_accuracy")
-            self.bar.update(
-                self.task,
-                completed=record["epoch"],
-                loss=f"{record['loss']:.4f}",
-                acc="-" if acc is None else f"{100 * acc:.2f}%",
-            )
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
+def _resume(path: Path, run_args: dict[str, Any], student, loss_fn, optimizer, scheduler, precision) -> tuple:
+    """Load ``path`` into the run's objects and RNGs; ``(history, stages, next epoch, step)``."""
+    info, payload = load_checkpoint(path)
+    differences = argument_differences(info["args"], run_args)
+    if differences:
+        raise SpecError(
+            f"cannot resume from {path}: the arguments differ ({'; '.join(differences)}); rerun with the "
+            "checkpoint's arguments, or train into a new --out"
+        )
+    student.load_state_dict(payload["model"])
+    loss_fn.load_state_dict(payload["loss"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if precision.scaler is not None and payload["scaler"]:
+        precision.scaler.load_state_dict(payload["scaler"])
+    restore_rng(payload["rng"], info["rng"])
+    return info["history"], info["stages"], int(info["epoch"]), int(info["step"])
