@@ -28,14 +28,53 @@ def register(app: typer.Typer) -> None:
             "Optional for ce/ls.",
         ),
         dataset: str = typer.Option(..., "--dataset", help="Dataset spec the stores were dumped from, e.g. mnist1d."),
-        student: str = typer.Option("builtin:mlp", "--student", help="Student spec: builtin:<arch> (mlp, cnn, ...)."),
+        student: str = typer.Option(
+            "builtin:mlp", "--student",
+            help="Student spec, as --teacher: builtin:<arch> (mlp, cnn, ...), torchvision:<arch>, timm:<arch> or "
+            "package.module:factory; built with the store's number of classes, never with downloaded weights.",
+        ),
         method: str = typer.Option(..., "--method", help=f"Distillation method: {METHODS}."),
         temperature: float = typer.Option(None, "--temperature", "-T", help="One of the store's temperatures (default: the method's, 4)."),
         k: int = typer.Option(None, "--k", help="Use the first k stored top-k logits (default: all stored)."),
         epochs: int = typer.Option(60, "--epochs", help="Training epochs."),
         seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling and view selection."),
         batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
-        lr: float = typer.Option(1e-2, "--lr", help="Adam learning rate (cosine decay to 0)."),
+        optimizer: str = typer.Option("adam", "--optimizer", help="sgd, adamw or adam."),
+        lr: float = typer.Option(1e-2, "--lr", help="Peak learning rate."),
+        momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+        weight_decay: float = typer.Option(
+            0.0, "--weight-decay", help="Weight decay (sgd: L2, adamw: decoupled), never on norms and biases."
+        ),
+        schedule: str = typer.Option(
+            "cosine", "--schedule", help="Per-step learning-rate schedule after the warm-up: cosine (to 0), step or constant."
+        ),
+        warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up from 0.01 x --lr, in epochs."),
+        decay_epochs: float = typer.Option(30.0, "--decay-epochs", help="--schedule step: epochs between decays."),
+        decay_rate: float = typer.Option(0.1, "--decay-rate", help="--schedule step: factor per decay."),
+        amp: bool = typer.Option(
+            False, "--amp", help="Mixed precision on CUDA: bf16 autocast where supported, else fp16 with a grad scaler. "
+            "No effect on the CPU."
+        ),
+        channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format for image students."),
+        grad_clip: float = typer.Option(None, "--grad-clip", help="Clip the global gradient norm to this value."),
+        no_aug: bool = typer.Option(
+            False, "--no-aug",
+            help="Image datasets (imagefolder) train on a random-resized crop + horizontal flip of each image by "
+            "default; --no-aug trains on the eval preprocessing instead.",
+        ),
+        student_feature_layer: str = typer.Option(
+            "penultimate", "--student-feature-layer",
+            help="hint: the student module whose output regresses the stored teacher feature (maps are "
+            "average-pooled); 'penultimate' is the classifier's input.",
+        ),
+        max_preload_bytes: int = typer.Option(
+            None, "--max-preload-bytes",
+            help="Preload the store arrays a run reads when they fit this budget (default: a quarter of RAM); "
+            "larger stores stream chunk by chunk in a chunk-aware shuffled order.",
+        ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from OUT/checkpoint.pt (written every epoch); the arguments must match."
+        ),
         hparam: list[str] = typer.Option(
             None, "--hparam", help="Method hyperparameter KEY=VALUE (repeatable), e.g. ce_weight=0 or mode=two-stage."
         ),
@@ -49,8 +88,12 @@ def register(app: typer.Typer) -> None:
             help="STUDENT-ONLY augmentation, NOT seen by the teacher, fresh per epoch and applied after any replayed "
             "view: shift1d[:max=6], noise[:std=0.05] or flip[:p=0.5].",
         ),
-        eval_split: str = typer.Option("test", "--eval-split", help="Held-out split evaluated every epoch."),
-        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes (0: read in the main process)."),
+        eval_split: str = typer.Option(
+            "auto", "--eval-split", help="Held-out split evaluated every epoch (auto: test, else val; '' for none)."
+        ),
+        workers: int = typer.Option(
+            0, "--workers", help="DataLoader worker processes that decode inputs and read the store (0: main process)."
+        ),
         allow_mismatch: bool = typer.Option(
             False, "--allow-mismatch", help="Train even when the dataset differs from the one a store records (spec, split, "
             "preprocessing, labels or inputs): prints a warning naming each difference and records them in metrics.json "
@@ -58,12 +101,13 @@ def register(app: typer.Typer) -> None:
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         storage_option: list[str] = storage_option_flag(),
-        out: Path = typer.Option(..., "--out", help="Output directory for student.pt and metrics.json."),
+        out: Path = typer.Option(..., "--out", help="Output directory for student.pt, metrics.json and checkpoint.pt."),
     ) -> None:
         """Train a student from teacher targets stored by `softlabels dump` (the teacher is not needed)."""
         from rich.console import Console
         from rich.markup import escape
 
+        from softlabels.recipe import Recipe
         from softlabels.train import train_student
 
         err = Console(stderr=True)
@@ -77,7 +121,15 @@ def register(app: typer.Typer) -> None:
             epochs=epochs,
             seed=seed,
             batch_size=batch_size,
-            lr=lr,
+            recipe=Recipe(
+                optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                warmup_epochs=warmup_epochs, decay_epochs=decay_epochs, decay_rate=decay_rate, amp=amp,
+                channels_last=channels_last, grad_clip=grad_clip,
+            ),
+            augment=not no_aug,
+            student_feature_layer=student_feature_layer,
+            max_preload_bytes=max_preload_bytes,
+            resume=resume,
             out_dir=out,
             eval_split=eval_split or None,
             hparams=parse_hparams(hparam),
