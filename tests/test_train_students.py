@@ -100,3 +100,24 @@ def test_hint_on_a_named_student_layer_and_its_errors(cli, photo_store, tmp_path
     assert code != 0 and err == (
         "error: --batch-size 32 is larger than the 16 training samples; use --batch-size <= 16\n"
     )
+
+
+def test_docs_training_example_runs(photo_store, tmp_path, monkeypatch, capsys):
+    """The 'your own training loop' example of docs/TRAINING.md, as printed, on the photo store."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "TRAINING.md").read_text()
+    section = text[text.index("## Your own training loop"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.splitlines()) < 50
+    (tmp_path / "photos").symlink_to(Path(photo_store["store"]).parent / "images")
+    (tmp_path / "teacher.zarr").symlink_to(photo_store["store"])
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/TRAINING.md", "exec"), {"__name__": "__main__"})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed] == ["epoch 1", "epoch 2"]
+    assert "val accuracy" in printed[-1]
+    import torchvision
+
+    torchvision.models.resnet18(num_classes=4).load_state_dict(torch.load(tmp_path / "student.pt", weights_only=True))
