@@ -28,7 +28,9 @@ import torch
 
 from softlabels.errors import SpecError
 
-__all__ = ["CHECKPOINT", "save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "argument_differences"]
+__all__ = [
+    "CHECKPOINT", "save_checkpoint", "load_checkpoint", "resume_run", "capture_rng", "restore_rng", "argument_differences",
+]
 
 CHECKPOINT = "checkpoint.pt"
 _FORMAT, _VERSION = "softlabels-checkpoint", 1
@@ -122,3 +124,23 @@ def argument_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
             flag = "--" + key.replace("_", "-")
             out.append(f"{flag} {json.dumps(a, default=str)} in the checkpoint, {json.dumps(b, default=str)} now")
     return out
+
+
+def resume_run(path: str | Path, run_args: dict[str, Any], *, model, loss, optimizer, scheduler, scaler=None) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into the run's objects and the RNGs, after checking that
+    it was written with ``run_args``; returns its JSON part (epoch, step, history, ...)."""
+    info, payload = load_checkpoint(path)
+    differences = argument_differences(info["args"], run_args)
+    if differences:
+        raise SpecError(
+            f"cannot resume from {path}: the arguments differ ({'; '.join(differences)}); rerun with the "
+            "checkpoint's arguments, or train into a new --out"
+        )
+    model.load_state_dict(payload["model"])
+    loss.load_state_dict(payload["loss"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload["scaler"]:
+        scaler.load_state_dict(payload["scaler"])
+    restore_rng(payload["rng"], info["rng"])
+    return info

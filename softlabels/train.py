@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from softlabels.checkpoint import CHECKPOINT, argument_differences, load_checkpoint, restore_rng, save_checkpoint
-from softlabels.datasets import load_dataset
+from softlabels.checkpoint import CHECKPOINT, resume_run, save_checkpoint
+from softlabels.datasets import held_out_split, load_dataset
 from softlabels.distill_data import ConcatDistillDataset, DistillDataset, StoreBatchSampler, make_loader
 from softlabels.distill_data import dataset_differences
 from softlabels.errors import InvalidTargetsError, SpecError
@@ -316,7 +316,7 @@ def train_student(
 
     eval_set = None
     if eval_split == "auto":  # test, else val (an ImageFolder with train/ and val/)
-        eval_split = next((s for s in ("test", "val") if _has_split(dataset_spec, s)), None)
+        eval_split = held_out_split(dataset_spec)
     if eval_split:
         eval_set, eval_info = load_dataset(dataset_spec, eval_split)
         if eval_info.labels is None:
@@ -343,9 +343,9 @@ def train_student(
     with torch.random.fork_rng(devices=[]), EpochProgress(progress, epochs) as bar:
         torch.manual_seed(seed)
         if resume:
-            history, stages_run, start_epoch, step = _resume(
-                out_path / CHECKPOINT, run_args, student, loss_fn, optimizer, scheduler, precision
-            )
+            info = resume_run(out_path / CHECKPOINT, run_args, model=student, loss=loss_fn, optimizer=optimizer,
+                              scheduler=scheduler, scaler=precision.scaler)
+            history, stages_run, start_epoch, step = info["history"], info["stages"], info["epoch"], info["step"]
         student.train()
         for epoch in range(start_epoch, epochs):
             epoch_start = time.perf_counter()
@@ -481,34 +481,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
-def _has_split(dataset_spec: str, split: str) -> bool:
-    try:
-        load_dataset(dataset_spec, split)
-    except SpecError:
-        return False
-    return True
-
-
 def _transform_name(part: DistillDataset) -> str:
     if part._policy is not None:
         return f"replayed {part._policy.name} views"
     return "eval preprocessing" if part.train_transform is None else part.train_transform.name
-
-
-def _resume(path: Path, run_args: dict[str, Any], student, loss_fn, optimizer, scheduler, precision) -> tuple:
-    """Load ``path`` into the run's objects and RNGs; ``(history, stages, next epoch, step)``."""
-    info, payload = load_checkpoint(path)
-    differences = argument_differences(info["args"], run_args)
-    if differences:
-        raise SpecError(
-            f"cannot resume from {path}: the arguments differ ({'; '.join(differences)}); rerun with the "
-            "checkpoint's arguments, or train into a new --out"
-        )
-    student.load_state_dict(payload["model"])
-    loss_fn.load_state_dict(payload["loss"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    if precision.scaler is not None and payload["scaler"]:
-        precision.scaler.load_state_dict(payload["scaler"])
-    restore_rng(payload["rng"], info["rng"])
-    return info["history"], info["stages"], int(info["epoch"]), int(info["step"])

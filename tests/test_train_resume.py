@@ -154,3 +154,33 @@ def test_recipe_parameter_groups_and_schedule():
         with pytest.raises(SpecError) as exc:
             Recipe(**bad)
         assert str(exc.value) == message
+
+
+def test_store_targets_joins_a_plain_dataset_by_index(digits_store):
+    from softlabels.api import StoreTargets, build_method
+    from softlabels.distill_data import StoreDatasetMismatchError
+
+    train, info = load_dataset("digits", "train")
+
+    class Plain(torch.utils.data.Dataset):  # what a user has: item i -> (x, y), labels as a list
+        def __init__(self, order):
+            self.order, self.targets = order, [int(info.labels[i]) for i in order]
+
+        def __len__(self):
+            return len(self.order)
+
+        def __getitem__(self, i):
+            return train.inputs[self.order[i]], self.targets[i]
+
+    method = build_method("kd", str(digits_store), temperature=4)
+    assert method.num_classes == 10
+    data = StoreTargets(Plain(list(range(len(train)))), str(digits_store), method)
+    x, y, targets = next(iter(torch.utils.data.DataLoader(data, batch_size=32, num_workers=0)))
+    assert x.shape == (32, 1, 8, 8) and torch.equal(y, torch.as_tensor(info.labels[:32]))
+    reference = DistillDataset.for_method(train, str(digits_store), method, info=info).__getitems__(list(range(32)))
+    assert all(torch.equal(targets[n], reference["targets"][n]) for n in targets)
+    assert float(method(torch.zeros(32, 10), y, targets).total) > 0
+
+    shuffled = list(np.random.default_rng(0).permutation(len(train)))
+    with pytest.raises(StoreDatasetMismatchError, match="labels differ in value or order"):
+        StoreTargets(Plain(shuffled), str(digits_store), method)
