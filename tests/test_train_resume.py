@@ -128,24 +128,20 @@ def test_recipe_parameter_groups_and_schedule():
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3 * 2 + 1  # 3 BN (weight, bias), fc bias
     assert param_groups([model], 0.0)[0]["params"] == list(model.parameters())
 
-    recipe = Recipe(optimizer="sgd", lr=0.1, warmup_epochs=1, schedule="cosine")
-    opt = build_optimizer(recipe, [model])
-    sched = build_scheduler(recipe, opt, steps_per_epoch=10, epochs=3)
-    lrs = []
-    for _ in range(30):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    def lrs_of(recipe, steps_per_epoch, epochs):
+        opt = build_optimizer(recipe, [model])
+        sched = build_scheduler(recipe, opt, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        out = []
+        for _ in range(steps_per_epoch * epochs):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    lrs = lrs_of(Recipe(optimizer="sgd", lr=0.1, warmup_epochs=1, schedule="cosine"), 10, 3)
     assert lrs[0] == pytest.approx(0.001) and lrs[10] == pytest.approx(0.1)  # warm-up from 0.01 x lr, per step
     assert np.all(np.diff(lrs[:11]) > 0) and np.all(np.diff(lrs[10:]) < 0) and lrs[-1] < 0.002
-    step = Recipe(lr=0.1, schedule="step", decay_epochs=1, decay_rate=0.5)
-    opt = build_optimizer(step, [model])
-    sched = build_scheduler(step, opt, steps_per_epoch=4, epochs=3)
-    seen = []
-    for _ in range(12):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    seen = lrs_of(Recipe(lr=0.1, schedule="step", decay_epochs=1, decay_rate=0.5), 4, 3)
     assert seen == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 4)
     for bad, message in [(dict(optimizer="lamb"), "unknown optimizer 'lamb'; choose one of: adam, adamw, sgd"),
                          (dict(schedule="poly"), "unknown schedule 'poly'; choose one of: cosine, step, constant"),
