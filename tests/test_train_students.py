@@ -42,10 +42,14 @@ def _train(cli, photo_store, out, *args):
 @pytest.mark.parametrize("student", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])
 @pytest.mark.parametrize("method", ["kd", "kd-topk", "hint"])
 def test_cli_trains_torchvision_students_from_a_resnet18_store(cli, photo_store, tmp_path, student, method):
-    workers = ["--workers", "2"] if (student, method) == ("torchvision:resnet18", "kd") else []
+    extra = {("torchvision:resnet18", "kd"): ["--workers", "2"],
+             ("torchvision:resnet18", "kd-topk"): ["--channels-last", "--grad-clip", "1", "--amp",
+                                                   "--warmup-epochs", "0.5", "--schedule", "step"]}
+    extra = extra.get((student, method), [])
     code, out, err = _train(cli, photo_store, tmp_path / "run", "--student", student, "--method", method,
-                            "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "5e-4", *workers)
+                            "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "5e-4", *extra)
     assert code == 0, err
+    assert ("--amp has no effect on the CPU; training in float32" in err) == ("--amp" in extra)
     assert f"{method}: val accuracy" in out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["student"] == student and metrics["eval_split"] == "val" and metrics["epochs"] == 1
@@ -53,6 +57,10 @@ def test_cli_trains_torchvision_students_from_a_resnet18_store(cli, photo_store,
     recipe = metrics["recipe"]
     assert recipe["optimizer"] == "sgd" and recipe["weight_decay"] == 5e-4 and recipe["amp"] == "off"
     assert recipe["train_transform"] == "random-resized-crop+flip"
+    assert recipe["workers"] == (2 if "--workers" in extra else 0)
+    if "--channels-last" in extra:
+        assert recipe["channels_last"] and recipe["grad_clip"] == 1.0 and recipe["schedule"] == "step"
+        assert recipe["warmup_epochs"] == 0.5 and metrics["history"][0]["lr"] == pytest.approx(0.05)
     (record,) = metrics["history"]
     assert record["images_per_second"] > 0 and 0 <= record["test_accuracy"] <= 1
     expected = {"kd": {"ce", "kd"}, "kd-topk": {"ce", "kd"}, "hint": {"ce", "hint"}}[method]
