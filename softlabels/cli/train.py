@@ -99,6 +99,10 @@ def register(app: typer.Typer) -> None:
             "preprocessing, labels or inputs): prints a warning naming each difference and records them in metrics.json "
             "(allowed_mismatch). A different sample or class count is always refused."
         ),
+        threads: int = typer.Option(
+            0, "--threads", min=0, help="torch intra-op threads for this run (0: torch's default); 1 is often fastest "
+            "on a busy machine.",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         storage_option: list[str] = storage_option_flag(),
         out: Path = typer.Option(..., "--out", help="Output directory for student.pt, metrics.json and checkpoint.pt."),
@@ -111,6 +115,10 @@ def register(app: typer.Typer) -> None:
         from softlabels.train import train_student
 
         err = Console(stderr=True)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # this command owns the process
         metrics = train_student(
             store or None,
             dataset,
