@@ -1,12 +1,12 @@
 """Student training throughput on real photos: CE vs store-fed KD vs online KD, interleaved.
 
-    nice -n 5 python benchmarks/train_images.py [--images 192] [--size 64] [--rounds 5] [--epochs 2]
+    nice -n 5 python benchmarks/train_images.py [--images 96] [--size 64] [--rounds 9] [--epochs 1]
 
 A ResNet-18 student (torchvision, random init) trains on real-photo crops (scikit-learn's
 sample photos, ``benchmarks/photo_folder.py``; ``imagefolder:...?size=S+8&crop=S``) with the
 trainer's image recipe: random-resized crop + flip decoded in 2 DataLoader workers, SGD, batch 32,
-one torch thread in the main process. Three arms, run one after the other in each round
-(interleaved, so machine noise hits all three alike):
+one torch thread in the main process. Three arms, run one after the other in each round, in an
+order rotated every round (interleaved, so drift in the machine's load hits all three alike):
 
 * ``ce``        -- ``train_student(..., "ce")`` (no store: the floor);
 * ``store-kd``  -- ``train_student(..., "kd")`` from a store dumped once from a torchvision
@@ -15,8 +15,8 @@ one torch thread in the main process. Three arms, run one after the other in eac
   teacher in memory: every batch runs the teacher forward (inference mode) and feeds
   ``softmax(z_t / T)`` to ``kd_loss``.
 
-Images/s is training images over the epoch loop's seconds (evaluation excluded), per epoch; the
-table reports the median over rounds x epochs and the store-kd/ce ratio per round. Target:
+Images/s is training images over the epoch loop's seconds (evaluation excluded), median over a
+run's epochs; the table reports the median over rounds and the store-kd/ce ratio per round. Target:
 store-fed KD >= 0.97 x CE.
 """
 
@@ -90,10 +90,10 @@ def online_rates(spec: str, epochs: int, teacher: torch.nn.Module) -> list[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from softlabels.specs import build_from_spec
@@ -108,18 +108,22 @@ def main() -> None:
         teacher = build_from_spec(TEACHER, (3, args.size, args.size), 4).eval()
         rates: dict[str, list[float]] = {"ce": [], "store-kd": [], "online-kd": []}
         ratios = []
+        arms = {
+            "ce": lambda: trainer_rates(None, spec, "ce", args.epochs, root / "ce"),
+            "store-kd": lambda: trainer_rates(str(root / "teacher.zarr"), spec, "kd", args.epochs, root / "kd"),
+            "online-kd": lambda: online_rates(spec, args.epochs, teacher),
+        }
+        names = list(arms)
         for r in range(args.rounds):
-            ce = trainer_rates(None, spec, "ce", args.epochs, root / "ce")
-            kd = trainer_rates(str(root / "teacher.zarr"), spec, "kd", args.epochs, root / "kd")
-            online = online_rates(spec, args.epochs, teacher)
-            rates["ce"] += ce
-            rates["store-kd"] += kd
-            rates["online-kd"] += online
-            ratios.append(statistics.median(kd) / statistics.median(ce))
-            print(f"round {r + 1}: ce {statistics.median(ce):.1f}  store-kd {statistics.median(kd):.1f}  "
-                  f"online-kd {statistics.median(online):.1f} img/s  (store-kd/ce {ratios[-1]:.3f})", flush=True)
+            order = names[r % 3 :] + names[: r % 3]  # rotate, so drift in the machine's load hits every arm alike
+            this = {name: statistics.median(arms[name]()) for name in order}
+            for name in names:
+                rates[name].append(this[name])
+            ratios.append(this["store-kd"] / this["ce"])
+            print(f"round {r + 1} ({' -> '.join(order)}): ce {this['ce']:.1f}  store-kd {this['store-kd']:.1f}  "
+                  f"online-kd {this['online-kd']:.1f} img/s  (store-kd/ce {ratios[-1]:.3f})", flush=True)
     ce_med = statistics.median(rates["ce"])
-    print(f"\n| arm | images/s (median of {args.rounds} rounds x {args.epochs} epochs) | vs ce |")
+    print(f"\n| arm | images/s (median of {args.rounds} rounds, {args.epochs} epoch(s) each) | vs ce |")
     print("|---|---|---|")
     for arm, values in rates.items():
         med = statistics.median(values)
