@@ -42,7 +42,7 @@ from softlabels.recipe import Precision, Recipe, build_optimizer, build_schedule
 from softlabels.stores import format as fmt
 from softlabels.stores.reader import SoftLabelStore, open_store
 from softlabels.student import PENULTIMATE, StudentFeatures, build_student, check_student
-from softlabels.train_progress import EpochProgress
+from softlabels.train_progress import BatchProgress
 from softlabels.train_transforms import train_transform_for
 
 __all__ = ["train_student", "build_student", "DEFAULTS", "StudentFeatures", "default_preload_bytes"]
@@ -340,7 +340,7 @@ def train_student(
     history: list[dict[str, Any]] = []
     stages_run: list[str] = []
     start_epoch, step = 0, 0
-    with torch.random.fork_rng(devices=[]), EpochProgress(progress, epochs) as bar:
+    with torch.random.fork_rng(devices=[]), BatchProgress(progress, epochs) as bar:
         torch.manual_seed(seed)
         if resume:
             info = resume_run(out_path / CHECKPOINT, run_args, model=student, loss=loss_fn, optimizer=optimizer,

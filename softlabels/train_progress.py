@@ -6,16 +6,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["EpochProgress"]
+__all__ = ["BatchProgress"]
 
 
-class EpochProgress:
+class BatchProgress:
     def __init__(self, enabled: bool, epochs: int) -> None:
         self.enabled, self.epochs = enabled, epochs
         self.bar: Any = None
         self.task: Any = None
 
-    def __enter__(self) -> EpochProgress:
+    def __enter__(self) -> BatchProgress:
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
