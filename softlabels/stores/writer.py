@@ -31,17 +31,11 @@ from softlabels.errors import (
     SchemaMismatchError,
     StoreExistsError,
 )
+from softlabels.fields import dimension_names
 from softlabels.stores import format as fmt
 from softlabels.stores.location import bytes_on_disk, location_exists, open_zarr_store, remove_location
 from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, read_metadata, read_metadata_documents
 
-_DIMENSION_NAMES = {
-    fmt.TOPK_VALUES: ("sample", "view", "rank"),
-    fmt.TOPK_INDICES: ("sample", "view", "rank"),
-    fmt.LOGSUMEXP: ("sample", "view", "temperature"),
-    fmt.LABEL_LOGIT: ("sample", "view"),
-    fmt.LABELS: ("sample",),
-}
 
 
 def _now() -> str:
@@ -143,7 +137,7 @@ class StoreWriter:
                 chunks=spec.chunks,
                 shards=spec.shards,
                 fill_value=0,
-                dimension_names=_DIMENSION_NAMES.get(spec.name),
+                dimension_names=dimension_names(spec.name),
                 **fmt.codecs_for(spec),
             )
         constants = {fmt.CLASSIFIER_WEIGHT: classifier_weight, fmt.CLASSIFIER_BIAS: classifier_bias}
