@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from softlabels.datasets import load_dataset
-from softlabels.distill_data import DistillDataset, StoreBatchSampler, store_dataset_metadata
+from softlabels.data import DistillDataset, StoreBatchSampler, store_dataset_metadata
 from softlabels.fit import fit_classifier
 from softlabels.losses import build_method, kd_loss
 from softlabels.models import build_model

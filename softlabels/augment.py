@@ -38,6 +38,7 @@ import torch
 
 from softlabels.datasets.spec import Param, format_params, parse_params, split_name
 from softlabels.errors import SpecError
+from softlabels.splitmix import splitmix64
 
 __all__ = [
     "AUGMENT_VERSION",
@@ -53,17 +54,6 @@ __all__ = [
 ]
 
 AUGMENT_VERSION = 1
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
 
 
 def counter_uniform(key: tuple[int, ...], index: np.ndarray, views: int) -> np.ndarray:
@@ -71,9 +61,9 @@ def counter_uniform(key: tuple[int, ...], index: np.ndarray, views: int) -> np.n
     splitmix64 chained over the key words, the index and the view number."""
     h = np.zeros((), dtype=np.uint64)
     for word in key:
-        h = _splitmix64(h ^ np.uint64(int(word) & 0xFFFFFFFFFFFFFFFF))
-    rows = _splitmix64(h ^ np.asarray(index, dtype=np.uint64))
-    return _splitmix64(rows[:, None] ^ (np.arange(views, dtype=np.uint64)[None, :] + np.uint64(1)))
+        h = splitmix64(h ^ np.uint64(int(word) & 0xFFFFFFFFFFFFFFFF))
+    rows = splitmix64(h ^ np.asarray(index, dtype=np.uint64))
+    return splitmix64(rows[:, None] ^ (np.arange(views, dtype=np.uint64)[None, :] + np.uint64(1)))
 
 
 def eval_inputs(dataset: Any, index: np.ndarray) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Every layer reads this list: :mod:`softlabels.stores.format` derives the array layout from it,
 the writer its Zarr ``dimension_names``, the reader and :mod:`softlabels.data` their name
 checks, the losses the names they read. Adding a per-sample field is one entry in
-:data:`FIELDS` (plus the code that computes it in the dump). Core module: no imports.
+:data:`FIELDS` (plus the code that computes it in the dump). Core module: imports only the errors.
 
 Axes (in order after ``sample``): ``view`` (V views per sample), ``rank`` (the stored top-k),
 ``temperature`` (the store's temperature grid). Dtypes: ``"value"`` is the store's value
@@ -14,6 +14,8 @@ classes); anything else is literal.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from softlabels.errors import InvalidTargetsError
 
 __all__ = [
     "Field",
@@ -28,6 +30,7 @@ __all__ = [
     "TOPK_FIELDS",
     "PT_FIELDS",
     "dimension_names",
+    "check_k_range",
 ]
 
 TOPK_VALUES = "topk_values"
@@ -76,3 +79,12 @@ PT_FIELDS = frozenset({LABEL_LOGIT, LOGSUMEXP})
 def dimension_names(name: str) -> tuple[str, ...] | None:
     """The Zarr ``dimension_names`` of field ``name`` (None for features/augmentation arrays)."""
     return next((f.axes for f in FIELDS if f.name == name), None)
+
+
+def check_k_range(k: int, num_classes: int) -> None:
+    """A store keeps the top ``k`` of ``num_classes`` logits: refuse k outside ``1..C``."""
+    if not 1 <= k <= num_classes:
+        raise InvalidTargetsError(
+            f"k={k} is outside 1..{num_classes} (the teacher has {num_classes} classes); "
+            f"pass --k between 1 and {num_classes}"
+        )

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from softlabels.errors import InvalidTargetsError
-from softlabels.fields import LABEL_LOGIT, LOGSUMEXP, TOPK_INDICES, TOPK_VALUES
+from softlabels.fields import LABEL_LOGIT, LOGSUMEXP, TOPK_INDICES, TOPK_VALUES, check_k_range
 
 __all__ = [
     "TeacherTarget",
@@ -54,11 +54,7 @@ def summarize_logits(
     """
     z = logits.detach().float()
     num_classes = z.shape[-1]
-    if not 1 <= k <= num_classes:
-        raise InvalidTargetsError(
-            f"k={k} is outside 1..{num_classes} (the teacher has {num_classes} classes); "
-            f"pass --k between 1 and {num_classes}"
-        )
+    check_k_range(k, num_classes)
     if not torch.isfinite(z).all():
         bad = int((~torch.isfinite(z)).any(dim=-1).sum())
         raise InvalidTargetsError(
@@ -227,7 +223,8 @@ def check_k(k: int | None, stored_k: int, where: str = "the store") -> None:
     """Refuse a ``k`` larger than the ``stored_k`` logits ``where`` holds."""
     if k is not None and k > stored_k:
         raise InvalidTargetsError(
-            f"k={k} but {where} only holds the top-{stored_k} logits; use k <= {stored_k} or re-dump with --k {k}"
+            f"k={k} but {where} only holds the top-{stored_k} logits; use {'k' if where == 'the store' else '--k'} <= "
+            f"{stored_k} or re-dump with --k {k}"
         )
 
 

@@ -14,7 +14,7 @@ Two layers:
 Core package: depends on torch, :mod:`softlabels.fields` and :mod:`softlabels.targets` only.
 """
 
-from softlabels.losses import ce, hint, kd, kd_pt, kd_sim  # noqa: F401  (each registers its methods)
+from softlabels.losses import ce, kd, kd_pt, kd_sim, hint  # noqa: F401, I001  (each registers its methods, in this order)
 from softlabels.losses.ce import CrossEntropyMethod, LabelSmoothingMethod
 from softlabels.losses.functional import (
     LossOutput,

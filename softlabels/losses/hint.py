@@ -14,6 +14,8 @@ from softlabels.losses.kd import KDMethod
 from softlabels.losses.method import DistillationMethod, _non_negative, _positive
 from softlabels.losses.registry import register_method
 
+DEFAULT_FEATURE = "penultimate"  # the input of the student's and the teacher's classifier
+
 
 
 def _shape(value: int | Sequence[int] | None, what: str) -> tuple[int, ...]:
@@ -82,6 +84,9 @@ class HintMethod(DistillationMethod):
     Components: ``{"ce", "hint", "kd"}`` -- whichever terms the stage uses.
     """
 
+    reads_store = True
+    store_constants = frozenset({"teacher_feature_shape"})
+
     def __init__(
         self,
         *,
@@ -91,7 +96,7 @@ class HintMethod(DistillationMethod):
         kd_weight: float | None = None,
         temperature: float = 4.0,
         hint_epochs: int | None = None,
-        feature: str = "penultimate",
+        feature: str = DEFAULT_FEATURE,
         student_feature_shape: int | Sequence[int] | None = None,
         teacher_feature_shape: int | Sequence[int] | None = None,
         num_classes: int | None = None,
@@ -127,6 +132,13 @@ class HintMethod(DistillationMethod):
             "feature": self.feature_key,
         }
         self._kd = KDMethod(temperature=self.temperature, ce_weight=self.ce_weight, kd_weight=self.kd_weight)
+
+    @classmethod
+    def feature_layer(cls, hparams):
+        return str(hparams.get("feature") or DEFAULT_FEATURE).removeprefix(FEATURES_PREFIX)
+
+    def run_metrics(self, stages_run):
+        return {"hint_mode": self.mode, "hint_stages": stages_run}
 
     def stage(self, epoch: int, total_epochs: int) -> str:
         if self.mode == "joint":

@@ -33,6 +33,8 @@ class _KDMethod(DistillationMethod):
     possibly learnable): then that is the target, and there are no loss-ready rows.
     """
 
+    reads_store = True
+
     def __init__(
         self,
         *,

@@ -28,6 +28,8 @@ def _similarity_table(classifier_weight: torch.Tensor | None, rho: float, temper
 
 
 class _SimMethod(_KDMethod):
+    store_constants = frozenset({"classifier_weight"})
+
     def __init__(self, *, classifier_weight, rho, temperature, ce_weight, kd_weight, num_classes):
         super().__init__(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, num_classes=num_classes)
         self.rho = _positive("rho", rho)

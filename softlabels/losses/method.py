@@ -25,10 +25,15 @@ STORE_CONSTANTS = frozenset({"num_classes", "classifier_weight", "teacher_featur
 class DistillationMethod(nn.Module):
     """Base class of a registered method: a loss from a batch of stored fields.
 
-    Attributes a trainer reads: ``name``; ``needs`` (frozenset of per-sample store arrays the
-    ``targets`` dict must hold); ``requires_labels``; ``temperature`` (select that
-    ``logsumexp`` column when ``"logsumexp" in needs``; None if unused); ``uses_features``;
-    ``stages``; ``hparams`` (resolved hyperparameters). It is an ``nn.Module`` so that any
+    What a method needs from the store is declared as data, which the trainer reads and never
+    second-guesses. On the class (read before building): ``name``; ``reads_store`` (it needs a
+    store at all); ``store_constants`` (the build-time constants of :data:`STORE_CONSTANTS`
+    it takes from the store beyond ``num_classes``); ``requires_labels``; :meth:`feature_layer`
+    (the stored feature it reads, given its hyperparameters). On the instance: ``needs``
+    (frozenset of per-sample store arrays the ``targets`` dict must hold); ``temperature``
+    (select that ``logsumexp`` column when ``"logsumexp" in needs``; None if unused);
+    ``uses_features`` (pass ``student_features``); ``stages``; ``hparams`` (resolved
+    hyperparameters); :meth:`run_metrics` (extra entries for ``metrics.json``). It is an ``nn.Module`` so that any
     trainable part (the hint regressor) follows ``.to(device)``, ``parameters()`` (add them
     to the optimizer) and ``state_dict()``.
 
@@ -41,6 +46,8 @@ class DistillationMethod(nn.Module):
 
     name: ClassVar[str] = ""
     requires_labels: ClassVar[bool] = False
+    reads_store: ClassVar[bool] = False
+    store_constants: ClassVar[frozenset[str]] = frozenset()
     needs: frozenset[str] = frozenset()
     temperature: float | None = None
     uses_features: bool = False
@@ -63,6 +70,17 @@ class DistillationMethod(nn.Module):
         self.hparams: dict[str, Any] = {}
 
     # -- protocol ---------------------------------------------------------------------
+    @classmethod
+    def feature_layer(cls, hparams: Mapping[str, Any]) -> str | None:
+        """The stored teacher feature (``features/<name>``) this method reads with ``hparams``;
+        None when it reads none."""
+        return None
+
+    def run_metrics(self, stages_run: list[str]) -> dict[str, Any]:
+        """Method-specific entries for the run's ``metrics.json`` (``stages_run``: the stages
+        the epochs used, in order)."""
+        return {}
+
     def stage(self, epoch: int, total_epochs: int) -> str:
         """Which loss applies in 0-based ``epoch`` of ``total_epochs``; pass it back as ``stage=``."""
         return self.stages[0]
@@ -78,7 +96,7 @@ class DistillationMethod(nn.Module):
         any selection of rows is a valid ``targets`` for this method's call and gives the same
         loss as the raw fields of those rows; or None when the method has no such form (its
         target is not a fixed per-row function of the stored row, or too large), and batches
-        then carry the raw fields. :class:`softlabels.distill_data.DistillDataset` calls it once
+        then carry the raw fields. :class:`softlabels.data.DistillDataset` calls it once
         for preloaded arrays, otherwise once per batch.
         """
         return None

@@ -32,9 +32,9 @@ def register_method(name: str) -> Callable[[type[DistillationMethod]], type[Dist
     return decorator
 
 
-def list_methods() -> list[str]:
-    """Registered method names, sorted."""
-    return _REGISTRY.names()
+def list_methods(registration_order: bool = False) -> list[str]:
+    """Registered method names, sorted (or in the order they were registered: baselines first)."""
+    return list(_REGISTRY) if registration_order else _REGISTRY.names()
 
 
 def method_class(name: str) -> type[DistillationMethod]:

@@ -24,6 +24,7 @@ from softlabels.fields import (
     LOGSUMEXP,
     TOPK_INDICES,
     TOPK_VALUES,
+    check_k_range,
 )
 
 FORMAT_NAME = "softlabels"
@@ -107,11 +108,7 @@ class StoreSchema:
             raise InvalidTargetsError(f"a store needs at least one sample, got num_samples={self.num_samples}")
         if self.num_classes < 2:
             raise InvalidTargetsError(f"a classifier needs at least 2 classes, got num_classes={self.num_classes}")
-        if not 1 <= self.k <= self.num_classes:
-            raise InvalidTargetsError(
-                f"k={self.k} is outside 1..{self.num_classes} (the teacher has {self.num_classes} "
-                f"classes); pass --k between 1 and {self.num_classes}"
-            )
+        check_k_range(self.k, self.num_classes)
         temps = tuple(float(t) for t in self.temperatures)
         if not temps or any(not math.isfinite(t) or t <= 0 for t in temps):
             raise InvalidTargetsError(f"temperatures must be positive numbers, got {list(self.temperatures)}")
