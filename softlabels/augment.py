@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from softlabels.datasets.spec import Param, format_params, parse_params, split_name
+from softlabels.datasets.info import in_memory
 from softlabels.errors import SpecError
 from softlabels.splitmix import splitmix64
 
@@ -68,9 +69,9 @@ def counter_uniform(key: tuple[int, ...], index: np.ndarray, views: int) -> np.n
 
 def eval_inputs(dataset: Any, index: np.ndarray) -> torch.Tensor:
     """The dataset's eval-preprocessed inputs for ``index`` as one tensor."""
-    inputs = getattr(dataset, "inputs", None)
-    if isinstance(inputs, torch.Tensor):
-        return inputs[torch.from_numpy(np.asarray(index, dtype=np.int64))]
+    tensors = in_memory(dataset)
+    if tensors is not None:
+        return tensors[0][torch.from_numpy(np.asarray(index, dtype=np.int64))]
     return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in index])
 
 

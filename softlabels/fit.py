@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from softlabels.datasets.info import in_memory
 from softlabels.device import autocast_for
 from softlabels.errors import SpecError
 from softlabels.progress import EpochProgress
@@ -25,19 +26,12 @@ __all__ = ["fit_classifier", "evaluate_accuracy", "DEFAULT_LR"]
 DEFAULT_LR = 1e-2
 
 
-def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
-    inputs, targets = getattr(dataset, "inputs", None), getattr(dataset, "targets", None)
-    if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor):
-        return inputs, targets
-    return None
-
-
 def _batches(dataset, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches, shuffled by ``generator`` when given. Both paths use the same
     permutation, so a dataset without ``.inputs`` trains exactly like its in-memory twin."""
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    tensors = _tensors(dataset)
+    tensors = in_memory(dataset)
     if tensors is not None:
         inputs, targets = tensors
         for start in range(0, n, batch_size):
@@ -69,7 +63,7 @@ def evaluate_accuracy(model: nn.Module, dataset, batch_size: int = 1024, device:
 
 
 def _check_labelled(dataset, role: str) -> None:
-    tensors = _tensors(dataset)
+    tensors = in_memory(dataset)
     if tensors is not None and bool((tensors[1] < 0).any()):
         raise SpecError(f"the {role} set is unlabeled (label -1); fit a classifier on a labelled split")
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from softlabels.data.provenance import json_value
 from softlabels.device import autocast_for
 from softlabels.fit import evaluate_accuracy
 from softlabels.progress import EpochProgress
@@ -232,7 +233,7 @@ def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings,
     paths = run.paths
     metrics: dict[str, Any] = {
         "method": config.method,
-        "hparams": _jsonable(method.hparams),
+        "hparams": json_value(method.hparams),
         "temperature": method.temperature,
         "k": effective_k,
         "test_accuracy": history[-1].get("test_accuracy"),
@@ -268,6 +269,3 @@ def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings,
     (out_path / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))

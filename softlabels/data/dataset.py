@@ -26,6 +26,7 @@ import torch
 
 from softlabels.data.provenance import check_store_matches
 from softlabels.data.views import VIEW_MODES, _random_views
+from softlabels.datasets.info import in_memory
 from softlabels.errors import InvalidTargetsError, SpecError
 from softlabels.stores import format as fmt
 from softlabels.stores.reader import SoftLabelStore, open_store
@@ -107,10 +108,7 @@ class DistillDataset(torch.utils.data.Dataset):
         self.warnings: list[str] = []
         self.k = None if k is None else int(k)
         self.temperature = None if temperature is None else float(temperature)
-        self._inputs = getattr(dataset, "inputs", None)
-        self._targets = getattr(dataset, "targets", None)
-        if not isinstance(self._inputs, torch.Tensor) or not isinstance(self._targets, torch.Tensor):
-            self._inputs = self._targets = None
+        self._inputs, self._targets = in_memory(dataset) or (None, None)
         self._ready: dict[str, np.ndarray] = {}
         self.preloaded: tuple[str, ...] = ()
         self._method = prepare_for

@@ -42,7 +42,7 @@ def _labels_of(dataset: Any, info: Any | None) -> np.ndarray | None:
     return None
 
 
-def _json(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """Normalise to what a JSON round trip gives (tuples -> lists), for comparing with metadata."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
@@ -70,7 +70,7 @@ class StoreDifference:
         return f"{text} ({self.note})" if self.note else text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"field": self.field, "store_value": _json(self.store_value), "run_value": _json(self.run_value)}
+        return {"field": self.field, "store_value": json_value(self.store_value), "run_value": json_value(self.run_value)}
 
 
 def _shown(value: Any) -> str:
@@ -103,11 +103,11 @@ def dataset_differences(store: SoftLabelStore, dataset: Any, info: Any | None = 
     if info is not None and int(info.num_classes) != store.num_classes:
         out.append(StoreDifference("num_classes", store.num_classes, int(info.num_classes), hard=True))
     if info is not None:
-        for key, here in (("spec", info.spec), ("split", info.split), ("input_shape", _json(list(info.input_shape)))):
+        for key, here in (("spec", info.spec), ("split", info.split), ("input_shape", json_value(list(info.input_shape)))):
             if recorded.get(key) is not None and recorded[key] != here:
                 out.append(StoreDifference(key, recorded[key], here))
         if recorded.get("preprocessing") is not None:
-            pre = _leaf_differences(_json(recorded["preprocessing"]), _json(info.preprocessing), "preprocessing")
+            pre = _leaf_differences(json_value(recorded["preprocessing"]), json_value(info.preprocessing), "preprocessing")
             out += [StoreDifference(path, a, b) for path, a, b in pre]
     same_rows = n_here == store.num_samples
     stored_fp = recorded.get("labels_sha256")

@@ -28,9 +28,12 @@ def _similarity_table(classifier_weight: torch.Tensor | None, rho: float, temper
 
 
 class _SimMethod(_KDMethod):
+    """The KD-sim family: a similarity table from the teacher classifier weight, built once."""
+
     store_constants = frozenset({"classifier_weight"})
 
-    def __init__(self, *, classifier_weight, rho, temperature, ce_weight, kd_weight, num_classes):
+    def __init__(self, *, rho=1.0, temperature=4.0, ce_weight=0.1, kd_weight=0.9, classifier_weight=None,
+                 num_classes=None) -> None:
         super().__init__(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, num_classes=num_classes)
         self.rho = _positive("rho", rho)
         table = _similarity_table(classifier_weight, self.rho, self.temperature, self.name)
@@ -56,11 +59,6 @@ class KDSimilarityMethod(_SimMethod):
     requires_labels = True
     needs = frozenset()
 
-    def __init__(self, *, rho=1.0, temperature=4.0, ce_weight=0.1, kd_weight=0.9, classifier_weight=None,
-                 num_classes=None) -> None:
-        super().__init__(classifier_weight=classifier_weight, rho=rho, temperature=temperature,
-                         ce_weight=ce_weight, kd_weight=kd_weight, num_classes=num_classes)
-
     def target(self, labels, targets, num_classes):
         if self.sim_table.shape[-1] != num_classes:
             raise InvalidTargetsError(
@@ -77,11 +75,6 @@ class KDGroundTruthSimilarityMethod(_SimMethod):
 
     requires_labels = True
     needs = PT_FIELDS
-
-    def __init__(self, *, rho=1.0, temperature=4.0, ce_weight=0.1, kd_weight=0.9, classifier_weight=None,
-                 num_classes=None) -> None:
-        super().__init__(classifier_weight=classifier_weight, rho=rho, temperature=temperature,
-                         ce_weight=ce_weight, kd_weight=kd_weight, num_classes=num_classes)
 
     def target(self, labels, targets, num_classes):
         # dense: the average of two distributions is one (its log is taken in the loss)

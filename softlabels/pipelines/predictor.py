@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from softlabels.datasets.info import in_memory
 from softlabels.device import autocast_for, pick_device
 from softlabels.stores import format as fmt
 from softlabels.stores.writer import StoreWriter
@@ -202,7 +203,7 @@ class TeacherPredictor:
         return Loaded(self.dataset, self.info, self.teacher)
 
     def _in_memory(self) -> bool:
-        return isinstance(getattr(self.dataset, "inputs", None), torch.Tensor)
+        return in_memory(self.dataset) is not None
 
     def _batches(self, start: int, stop: int):
         """Input batches of rows ``[start, stop)``: slices of an in-memory dataset, else from the
