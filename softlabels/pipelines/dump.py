@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from softlabels.data.provenance import store_dataset_metadata
-from softlabels.errors import InvalidTargetsError, SoftlabelsError, SpecError, StoreExistsError
+from softlabels.errors import InvalidTargetsError, SoftlabelsError, SpecError
 from softlabels.fields import check_k_range
 from softlabels.pipelines.predictor import DumpConfig, TeacherPredictor
 from softlabels.stores import format as fmt
-from softlabels.stores.location import HTTP_READ_ONLY, is_http, is_remote, location_exists, resolve_storage_options
-from softlabels.stores.writer import StoreWriter
+from softlabels.stores.location import HTTP_READ_ONLY, is_http, is_remote, resolve_storage_options
+from softlabels.stores.writer import StoreWriter, check_create_mode
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,9 @@ class DumpResult:
 
 def check_output(out: str, *, resume: bool, overwrite: bool, storage_options: dict | None = None) -> None:
     """Cheap checks before the teacher is loaded: existing output, writable parent."""
-    if resume and overwrite:
-        raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
     if is_http(out):
         raise SoftlabelsError(f"cannot write {out}: {HTTP_READ_ONLY}")
-    if location_exists(out, storage_options) and not (resume or overwrite):
-        raise StoreExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
+    check_create_mode(out, resume=resume, overwrite=overwrite, storage_options=storage_options)
     if not is_remote(out):
         parent = Path(out).absolute().parent
         while not parent.exists():

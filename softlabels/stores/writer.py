@@ -38,6 +38,17 @@ from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, re
 
 
 
+def check_create_mode(location: str, *, resume: bool, overwrite: bool, storage_options: dict | None = None) -> bool:
+    """The one resume/overwrite rule: not both; an existing location needs one of them.
+    Returns whether the location exists."""
+    if resume and overwrite:
+        raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
+    exists = location_exists(location, storage_options)
+    if exists and not (resume or overwrite):
+        raise StoreExistsError(f"{location} already exists; pass --resume to continue it or --overwrite to replace it")
+    return exists
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -82,9 +93,7 @@ class StoreWriter:
         something that is a softlabels store.
         """
         loc = str(location)
-        if resume and overwrite:
-            raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
-        exists = location_exists(loc, storage_options)
+        exists = check_create_mode(loc, resume=resume, overwrite=overwrite, storage_options=storage_options)
         if exists and resume:
             writer = cls(loc, storage_options=storage_options)
             diffs = writer.schema.differences(schema)
@@ -96,11 +105,7 @@ class StoreWriter:
                 )
             writer._ensure_arrays(classifier_weight, classifier_bias)
             return writer
-        if exists and not overwrite:
-            raise StoreExistsError(
-                f"{loc} already exists; pass --resume to continue it or --overwrite to replace it"
-            )
-        if exists and overwrite:
+        if exists:  # and overwrite (check_create_mode refused the rest)
             _check_is_store_before_delete(loc, storage_options)
             remove_location(loc, storage_options)
         _check_constants(schema, classifier_weight, classifier_bias)
