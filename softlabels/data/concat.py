@@ -13,7 +13,6 @@ from softlabels.data.views import BatchIndices
 from softlabels.errors import SpecError
 
 
-
 class ConcatDistillDataset(torch.utils.data.Dataset):
     """Several :class:`DistillDataset` parts as one index space ``[0, sum N)``, in order.
 

@@ -35,7 +35,6 @@ from softlabels.targets import check_k
 DEFAULT_PRELOAD_BYTES = 1 << 30
 
 
-
 def _as_store(store: SoftLabelStore | str | None) -> SoftLabelStore | None:
     if store is None or isinstance(store, SoftLabelStore):
         if store is not None:

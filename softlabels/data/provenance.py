@@ -23,7 +23,6 @@ from softlabels.stores import format as fmt
 from softlabels.stores.reader import SoftLabelStore
 
 
-
 class StoreDatasetMismatchError(SchemaMismatchError):
     """The store was dumped from other data than the dataset it is being joined with."""
 

@@ -16,7 +16,6 @@ if TYPE_CHECKING:  # annotations only: the dataset modules do not import the sam
     from softlabels.data.dataset import DistillDataset
 
 
-
 class StoreBatchSampler(torch.utils.data.Sampler):
     """Batches of indices for one rank, reshuffled every epoch (:meth:`set_epoch`).
 

@@ -8,7 +8,6 @@ from softlabels.losses.method import DistillationMethod
 from softlabels.losses.registry import register_method
 
 
-
 @register_method("ce")
 class CrossEntropyMethod(DistillationMethod):
     """Plain hard-label training, the no-teacher baseline. Components ``{"ce"}``."""

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from softlabels.errors import InvalidTargetsError, SpecError
 
 
-
 @dataclass(frozen=True)
 class LossOutput:
     """What every method returns.

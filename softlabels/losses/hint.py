@@ -17,7 +17,6 @@ from softlabels.losses.registry import register_method
 DEFAULT_FEATURE = "penultimate"  # the input of the student's and the teacher's classifier
 
 
-
 def _shape(value: int | Sequence[int] | None, what: str) -> tuple[int, ...]:
     if value is None:
         raise SpecError(f"hint needs {what} (per-sample shape, e.g. (512,) or (64, 8, 8))")

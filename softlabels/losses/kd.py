@@ -21,7 +21,6 @@ PREPARED_DENSE_BYTES = 1 << 28
 _PREPARE_CHUNK_ELEMENTS = 1 << 22  # rows are prepared this many [row, class] elements at a time
 
 
-
 class _KDMethod(DistillationMethod):
     """KD against a (possibly synthetic) teacher distribution. A subclass implements one
     :meth:`target` -- the distribution at T as a :class:`~softlabels.targets.TeacherTarget`, a

@@ -26,7 +26,6 @@ from softlabels.losses.functional import (
 from softlabels.targets import TeacherTarget, _as
 
 
-
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_probs: torch.Tensor,
@@ -99,11 +98,8 @@ class _FusedKD(torch.autograd.Function):
     that is 1). Under ``create_graph=True``, or a second backward through a retained graph, it
     differentiates the plain graph instead, so higher-order gradients are exact as well.
 
-    Why: on small batches a loss is a few dozen tiny tensor ops whose cost is per-op overhead
-    (dispatch, autograd bookkeeping, one backward node each); on large ones every pass over
-    ``[B, C]`` counts. Here no graph is recorded, the gradient is a handful of in-place passes
-    over tensors that are still in cache, and the Python backward node does almost nothing
-    (measured: the same passes cost about twice as much inside the backward).
+    Kept only while it pays for itself on a CNN student (``benchmarks/train_overhead.py``, the
+    "fused vs autograd" lines; BENCHMARKS.md).
     """
 
     @staticmethod

@@ -8,7 +8,6 @@ from softlabels.losses.registry import register_method
 from softlabels.targets import TeacherTarget
 
 
-
 @register_method("kd-pt")
 class KDGroundTruthMethod(_KDMethod):
     """KD-pt (Tang et al. 2020): only the teacher's probability on the true class,

@@ -12,7 +12,6 @@ from softlabels.losses.registry import register_method
 from softlabels.targets import TeacherTarget, ground_truth_distribution, similarity_distribution
 
 
-
 def _similarity_table(classifier_weight: torch.Tensor | None, rho: float, temperature: float, name: str):
     if classifier_weight is None:
         raise SpecError(

@@ -16,7 +16,6 @@ from softlabels.losses.functional import LossOutput, _check_logits
 PREPARED_PREFIX = "prepared/"
 
 
-
 #: Store-level constants a trainer may pass to *every* :func:`build_method` call; a method
 #: that does not use one ignores it (every other unknown keyword is an error).
 STORE_CONSTANTS = frozenset({"num_classes", "classifier_weight", "teacher_feature_shape"})

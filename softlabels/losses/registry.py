@@ -11,7 +11,6 @@ from softlabels.losses.method import STORE_CONSTANTS, DistillationMethod
 from softlabels.registry import Registry
 
 
-
 _REGISTRY: Registry[type[DistillationMethod]] = Registry("method")
 
 
