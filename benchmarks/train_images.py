@@ -58,7 +58,7 @@ def trainer_rates(store: str | None, spec: str, method: str, epochs: int, out: P
 
 def online_rates(spec: str, epochs: int, teacher: torch.nn.Module) -> list[float]:
     from softlabels.datasets import load_dataset
-    from softlabels.distill_data import DistillDataset, StoreBatchSampler, make_loader
+    from softlabels.data import DistillDataset, StoreBatchSampler, make_loader
     from softlabels.losses import kd_loss
     from softlabels.recipe import Recipe, build_optimizer
     from softlabels.student import build_student

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from softlabels.distill_data import DEFAULT_PRELOAD_BYTES, ConcatDistillDataset, DistillDataset
+from softlabels.data import DEFAULT_PRELOAD_BYTES, ConcatDistillDataset, DistillDataset
 from softlabels.losses import DistillationMethod
 from softlabels.losses import build_method as _build_method
-from softlabels.stores import format as fmt
+from softlabels.fields import FEATURES_PREFIX
 from softlabels.stores.reader import SoftLabelStore, open_store
 
 __all__ = ["StoreTargets", "build_method"]
@@ -44,7 +44,7 @@ def build_method(name: str, store: SoftLabelStore | str | None = None, **hparams
     constants: dict[str, Any] = {"num_classes": store.num_classes}
     if store.schema.classifier_dim is not None:
         constants["classifier_weight"] = torch.as_tensor(store.classifier()[0])
-    feature = str(hparams.get("feature", "penultimate")).removeprefix(fmt.FEATURES_PREFIX)
+    feature = str(hparams.get("feature", "penultimate")).removeprefix(FEATURES_PREFIX)
     dims = dict(store.schema.features)
     if feature in dims:
         constants["teacher_feature_shape"] = (dims[feature],)
@@ -58,7 +58,7 @@ class StoreTargets(torch.utils.data.Dataset):
     ``dataset`` and ``store`` may be sequences of equal length (one store per split). The store
     must have been dumped from this dataset in this order: the sample count must match, and when
     the dataset has ``.targets`` (torchvision datasets do) their fingerprint must equal the
-    store's (else :class:`~softlabels.distill_data.StoreDatasetMismatchError`).
+    store's (else :class:`~softlabels.data.StoreDatasetMismatchError`).
     Arrays up to ``preload_bytes`` are held in memory; larger ones are read per batch.
     """
 

@@ -15,7 +15,7 @@ import torch
 
 from softlabels.checkpoint import load_checkpoint
 from softlabels.datasets import load_dataset
-from softlabels.distill_data import DistillDataset, StoreBatchSampler, store_dataset_metadata
+from softlabels.data import DistillDataset, StoreBatchSampler, store_dataset_metadata
 from softlabels.errors import SpecError
 from softlabels.losses import build_method
 from softlabels.models import build_model
@@ -154,7 +154,7 @@ def test_recipe_parameter_groups_and_schedule():
 
 def test_store_targets_joins_a_plain_dataset_by_index(digits_store):
     from softlabels.api import StoreTargets, build_method
-    from softlabels.distill_data import StoreDatasetMismatchError
+    from softlabels.data import StoreDatasetMismatchError
 
     train, info = load_dataset("digits", "train")
 

@@ -8,8 +8,12 @@ from typing import Any
 import typer
 
 from softlabels.cli.options import parse_key_values, parse_storage_options, storage_option_flag
+from softlabels.losses import list_methods
+from softlabels.recipe import Recipe
+from softlabels.train import DEFAULTS
 
-METHODS = "ce, ls, kd, kd-topk, kd-pt, kd-sim, kd-pt+sim, hint"
+_RECIPE = Recipe()  # the defaults the flags show
+
 
 
 def parse_hparams(items: list[str] | None) -> dict[str, Any]:
@@ -33,24 +37,24 @@ def register(app: typer.Typer) -> None:
             help="Student spec, as --teacher: builtin:<arch> (mlp, cnn, ...), torchvision:<arch>, timm:<arch> or "
             "package.module:factory; built with the store's number of classes, never with downloaded weights.",
         ),
-        method: str = typer.Option(..., "--method", help=f"Distillation method: {METHODS}."),
+        method: str = typer.Option(..., "--method", help=f"Distillation method: {', '.join(list_methods(registration_order=True))}."),
         temperature: float = typer.Option(None, "--temperature", "-T", help="One of the store's temperatures (default: the method's, 4)."),
         k: int = typer.Option(None, "--k", help="Use the first k stored top-k logits (default: all stored)."),
-        epochs: int = typer.Option(60, "--epochs", help="Training epochs."),
-        seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling and view selection."),
-        batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
-        optimizer: str = typer.Option("adam", "--optimizer", help="sgd, adamw or adam."),
-        lr: float = typer.Option(1e-2, "--lr", help="Peak learning rate."),
-        momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+        epochs: int = typer.Option(DEFAULTS["epochs"], "--epochs", help="Training epochs."),
+        seed: int = typer.Option(DEFAULTS["seed"], "--seed", help="Seed for initialisation, shuffling and view selection."),
+        batch_size: int = typer.Option(DEFAULTS["batch_size"], "--batch-size", help="Batch size."),
+        optimizer: str = typer.Option(_RECIPE.optimizer, "--optimizer", help="sgd, adamw or adam."),
+        lr: float = typer.Option(DEFAULTS["lr"], "--lr", help="Peak learning rate."),
+        momentum: float = typer.Option(_RECIPE.momentum, "--momentum", help="SGD momentum."),
         weight_decay: float = typer.Option(
-            0.0, "--weight-decay", help="Weight decay (sgd: L2, adamw: decoupled), never on norms and biases."
+            _RECIPE.weight_decay, "--weight-decay", help="Weight decay (sgd: L2, adamw: decoupled), never on norms and biases."
         ),
         schedule: str = typer.Option(
-            "cosine", "--schedule", help="Per-step learning-rate schedule after the warm-up: cosine (to 0), step or constant."
+            _RECIPE.schedule, "--schedule", help="Per-step learning-rate schedule after the warm-up: cosine (to 0), step or constant."
         ),
-        warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up from 0.01 x --lr, in epochs."),
-        decay_epochs: float = typer.Option(30.0, "--decay-epochs", help="--schedule step: epochs between decays."),
-        decay_rate: float = typer.Option(0.1, "--decay-rate", help="--schedule step: factor per decay."),
+        warmup_epochs: float = typer.Option(_RECIPE.warmup_epochs, "--warmup-epochs", help="Linear warm-up from 0.01 x --lr, in epochs."),
+        decay_epochs: float = typer.Option(_RECIPE.decay_epochs, "--decay-epochs", help="--schedule step: epochs between decays."),
+        decay_rate: float = typer.Option(_RECIPE.decay_rate, "--decay-rate", help="--schedule step: factor per decay."),
         amp: bool = typer.Option(
             False, "--amp", help="Mixed precision on CUDA: bf16 autocast where supported, else fp16 with a grad scaler. "
             "No effect on the CPU."
@@ -111,7 +115,6 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.markup import escape
 
-        from softlabels.recipe import Recipe
         from softlabels.train import train_student
 
         err = Console(stderr=True)
