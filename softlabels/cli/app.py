@@ -46,7 +46,7 @@ def _register() -> None:
         teacher_app = None
     if teacher_app is not None:
         app.add_typer(teacher_app, name="teacher")
-    for module in ("dump", "train", "copy"):
+    for module in ("dump", "train", "copy", "report"):
         try:
             mod = __import__(f"softlabels.cli.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:
