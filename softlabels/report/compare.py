@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from softlabels.errors import SchemaMismatchError
-from softlabels.report.stats import as_tensors, blocks, dense_targets, kl_divergence, lse_column
+from softlabels.report.stats import as_tensors, blocks, lse_column, sparse_kl, sparse_targets
 from softlabels.stores import SoftLabelStore
 from softlabels.stores import format as fmt
 
@@ -82,7 +82,8 @@ def comparable_pairs(stores: Sequence[SoftLabelStore]) -> list[tuple[int, int]]:
 
 
 def compare_stores(a: SoftLabelStore, b: SoftLabelStore, temperature: float) -> Agreement:
-    """Top-1 agreement and mean KL both ways between row-aligned targets. All views when both
+    """Top-1 agreement and mean KL both ways between row-aligned targets (their KD-topk
+    distributions at ``temperature``, compared in sparse form). All views when both
     stores hold the same views (same count and augmentation record), else view 0 of each."""
     same_views = a.views == b.views and (a.schema.augmentation or None) == (b.schema.augmentation or None)
     views = slice(None) if same_views else slice(0, 1)
@@ -97,9 +98,9 @@ def compare_stores(a: SoftLabelStore, b: SoftLabelStore, temperature: float) -> 
             lb = lse_column(tb[fmt.LOGSUMEXP][:, views].flatten(0, 1), b.temperatures, t)
             agree += int((ia[:, 0] == ib[:, 0]).sum())
             n += ia.shape[0]
-            for (part, pa), (_, pb) in zip(dense_targets(va, ia, la, t, c), dense_targets(vb, ib, lb, t, c)):
-                kl_ab += float(kl_divergence(pa, pb).double().sum())
-                kl_ba += float(kl_divergence(pb, pa).double().sum())
+            (pa, fa), (pb, fb) = sparse_targets(va, la, t, c), sparse_targets(vb, lb, t, c)
+            kl_ab += float(sparse_kl(pa, ia, fa, pb, ib, fb, c).double().sum())
+            kl_ba += float(sparse_kl(pb, ib, fb, pa, ia, fa, c).double().sum())
     label = "all" if same_views and a.views > 1 else ("view 0" if max(a.views, b.views) > 1 else "all")
     return Agreement(a.location, b.location, t, label, n, agree, kl_ab, kl_ba)
 

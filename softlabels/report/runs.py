@@ -121,20 +121,28 @@ def _load(path: Path) -> Run:
 
 
 def group_runs(runs: list[Run]) -> list[RunGroup]:
-    """Group by recipe, in order of first appearance; label each group by its method and the
-    recipe entries that tell it apart from the other groups of that method."""
+    """Group by recipe, in order of first appearance. A group's label is its method, T, k and
+    training splits, plus -- only where that still leaves two groups alike -- the recipe entries
+    that tell them apart."""
     groups: dict[str, RunGroup] = {}
     for run in runs:
         key = json.dumps(run.recipe, sort_keys=True, default=str)
         groups.setdefault(key, RunGroup("", run.recipe)).runs.append(run)
     result = list(groups.values())
-    for group in result:
-        group.label = _label(group, [g for g in result if g.recipe.get("method") == group.recipe.get("method")])
+    bases = [_base_label(g.recipe) for g in result]
+    for group, base in zip(result, bases):
+        alike = [g.recipe for g, b in zip(result, bases) if b == base]
+        extra = []
+        if len(alike) > 1:
+            for key in sorted(group.recipe):
+                values = {json.dumps(r.get(key), sort_keys=True, default=str) for r in alike}
+                if len(values) > 1:
+                    extra.append(_differing(key, group.recipe.get(key), [r.get(key) for r in alike]))
+        group.label = " ".join([base, *extra])
     return result
 
 
-def _label(group: RunGroup, same_method: list[RunGroup]) -> str:
-    recipe = group.recipe
+def _base_label(recipe: dict[str, Any]) -> str:
     parts = [str(recipe.get("method"))]
     if recipe.get("temperature") is not None:
         parts.append(f"T={recipe['temperature']:g}")
@@ -143,11 +151,6 @@ def _label(group: RunGroup, same_method: list[RunGroup]) -> str:
     splits = recipe.get("train_splits") or []
     if len(splits) > 1 or (splits and splits != ["train"]):
         parts.append("+".join(splits))
-    shown = {"method", "temperature", "k", "train_splits"}
-    for key in sorted(recipe):
-        values = {json.dumps(g.recipe.get(key), sort_keys=True, default=str) for g in same_method}
-        if key not in shown and len(values) > 1:
-            parts.append(_differing(key, recipe.get(key), [g.recipe.get(key) for g in same_method]))
     return " ".join(parts)
 
 
@@ -156,6 +159,9 @@ def _differing(key: str, value: Any, others: list[Any]) -> str:
         keys = sorted({k for o in others if isinstance(o, dict) for k in o} | set(value))
         diff = [k for k in keys if any(not isinstance(o, dict) or o.get(k) != value.get(k) for o in others)]
         return " ".join(f"{k}={_short(value.get(k))}" for k in diff)
+    if key == "store_path":
+        paths = value if isinstance(value, list) else [value]
+        return "store=" + "+".join(Path(str(p)).name for p in paths if p is not None)
     return f"{key}={_short(value)}"
 
 

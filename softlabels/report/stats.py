@@ -64,7 +64,8 @@ class StoreStats:
     label_rank_counts: np.ndarray | None = None  # [k + 1]: label at rank r (k = not stored)
     class_counts: np.ndarray | None = None  # [C] targets per true class
     class_correct: np.ndarray | None = None  # [C] of which top-1 == label
-    similarity_sum: np.ndarray | None = None  # [C, C] sum of distributions per class (rows)
+    similarity_sum: np.ndarray | None = None  # [C, C] sum over rows of (probs - fill) at their top-k
+    similarity_fill: np.ndarray | None = None  # [C] sum over rows of the tail fill (every class gets it)
     similarity_rows: np.ndarray | None = None  # [C] rows summed into each similarity row
     view_kl_counts: np.ndarray | None = None
     view_kl_sum: float = 0.0
@@ -119,7 +120,7 @@ class StoreStats:
         if self.similarity_sum is None:
             return None
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.similarity_sum / self.similarity_rows[:, None]
+            return (self.similarity_sum + self.similarity_fill[:, None]) / self.similarity_rows[:, None]
 
     @property
     def view_kl_mean(self) -> float | None:
@@ -184,6 +185,35 @@ def dense_targets(values: torch.Tensor, indices: torch.Tensor, lse_t: torch.Tens
         yield rows, topk_distribution(values[rows], indices[rows], lse_t[rows], t, num_classes)
 
 
+def sparse_targets(values: torch.Tensor, lse_t: torch.Tensor, t: float, num_classes: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KD-topk distribution at t without building it: ``probs [..., k]`` of the stored
+    classes and ``fill [...]``, the probability of each of the other ``C - k`` classes (0 when
+    k = C). Dense, it is :func:`softlabels.targets.topk_distribution` (up to its renormalisation
+    of fp16 rows whose top-k sums past 1)."""
+    probs = topk_log_probs(values, lse_t, t).exp()
+    k = values.shape[-1]
+    if k >= num_classes:
+        return probs, probs.new_zeros(probs.shape[:-1])
+    return probs, tail_mass(values, lse_t, t) / (num_classes - k)
+
+
+def sparse_kl(pa: torch.Tensor, ia: torch.Tensor, fa: torch.Tensor, pb: torch.Tensor, ib: torch.Tensor,
+              fb: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[M]`` KL(a || b) of two sparse KD-topk distributions (:func:`sparse_targets`) in
+    O(k_a k_b) per row: a's top-k classes, b's top-k classes a does not keep, and the rest, where
+    both are their fills."""
+    match = ia[:, :, None] == ib[:, None, :]  # [M, ka, kb]
+    pb_at_a = torch.where(match.any(-1), (match * pb[:, None, :]).sum(-1), fb[:, None])
+    only_b = ~match.any(1)  # [M, kb]
+    log = lambda x: x.clamp(min=1e-30).log()  # noqa: E731
+    kl = (torch.xlogy(pa, pa) - pa * log(pb_at_a)).sum(-1)
+    kl += ((torch.xlogy(fa, fa)[:, None] - fa[:, None] * log(pb)) * only_b).sum(-1)
+    rest = num_classes - ia.shape[-1] - only_b.sum(-1)
+    kl += rest * (torch.xlogy(fa, fa) - fa * log(fb))
+    return kl.clamp(min=0.0)
+
+
 def _bins(x: torch.Tensor, n: int) -> np.ndarray:
     """Equal-width bins of [0, 1]."""
     return (x * n).floor().clamp(0, n - 1).long().numpy()
@@ -201,7 +231,7 @@ def compute_store_stats(store: SoftLabelStore, temperature: float) -> StoreStats
         st.label_rank_counts = np.zeros(k + 1, np.int64)
         st.class_counts, st.class_correct = np.zeros(c, np.int64), np.zeros(c, np.int64)
     if c <= MAX_SIMILARITY_CLASSES:
-        st.similarity_sum, st.similarity_rows = np.zeros((c, c)), np.zeros(c)
+        st.similarity_sum, st.similarity_fill, st.similarity_rows = np.zeros((c, c)), np.zeros(c), np.zeros(c)
     if v > 1:
         st.view_kl_counts = np.zeros(VIEW_KL_BINS, np.int64)
     names = [fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP] + ([fmt.LABELS] if s.labeled else [])
@@ -246,11 +276,12 @@ def _accumulate(st: StoreStats, b: dict[str, torch.Tensor]) -> None:
         group = top1  # no labels (a transfer set): rows grouped by the teacher's top-1 class
     t = st.similarity_temperature
     lse_t = lse_column(flat_l, st.temperatures, t)
-    if st.similarity_sum is not None:
-        sim = torch.zeros(c, c, dtype=torch.float64)
-        for part, dense in dense_targets(flat_v, flat_i, lse_t, t, c):
-            sim.index_add_(0, group[part], dense.double())
-        st.similarity_sum += sim.numpy()
+    if st.similarity_sum is not None:  # sparse: each row adds its fill everywhere, probs - fill on its top-k
+        probs, fill = sparse_targets(flat_v, lse_t, t, c)
+        flat = (group[:, None] * c + flat_i).reshape(-1)
+        sim = torch.from_numpy(st.similarity_sum).view(-1)
+        sim.index_add_(0, flat, (probs - fill[:, None]).reshape(-1).double())
+        st.similarity_fill += np.bincount(group.numpy(), weights=fill.double().numpy(), minlength=c)
         st.similarity_rows += np.bincount(group.numpy(), minlength=c)
     if v > 1:
         lse_v = lse_t.reshape(rows, v)
