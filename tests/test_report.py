@@ -217,3 +217,32 @@ def test_report_of_runs(runs, tmp_path, cli):
     assert code == 0, err
     g = groups["ce"]
     assert f"| ce | 2 | {100 * g.mean:.2f} ± {100 * g.std:.2f} |" in md
+
+
+def test_view_spread_of_a_multi_view_store(tmp_path, monkeypatch):
+    g = np.random.default_rng(5)
+    n, v, c = 1000, 3, 12
+    labels = g.integers(0, c, n)
+    logits = g.normal(0, 2.0, (n, 1, c)) + g.normal(0, 1.0, (n, v, c))  # the views of one sample differ a little
+    logits[np.arange(n), :, labels] += 3.0
+    path = tmp_path / "mv.zarr"
+    write_store_from_logits(path, logits.astype(np.float32), k=4, temperatures=TEMPS, labels=labels,
+                            dataset={"spec": "test:views", "split": "train"}, rows_per_shard=256, rows_per_chunk=128)
+    report = build_report([str(path)], verify=False)
+    st = report.stats[0]
+    raw = _raw(path)
+    dense = _dense(raw, 4.0, c).reshape(n, v, c)
+    mean = dense.mean(1, keepdims=True)
+    kl = (dense * np.log(dense / mean)).sum(-1).mean(-1)
+    assert st.view_kl_mean == pytest.approx(kl.mean(), rel=1e-4) and st.view_kl_rows == n
+    assert st.view_kl_counts.sum() == n
+    tops = raw["indices"][:, :, 0]
+    assert st.view_top1_agree == (tops == tops[:, :1]).all(-1).sum()
+    _check_pngs(_figures(report.html()), ["store1-view-spread"])
+
+    monkeypatch.setattr("softlabels.report.stats.VIEW_SPREAD_ELEMENTS", n * v * c // 3)  # every 3rd block
+    monkeypatch.setattr("softlabels.report.stats.BLOCK_ROWS", 128)
+    sampled = build_report([str(path)], verify=False)
+    st = sampled.stats[0]
+    assert st.view_kl_rows == 128 * 3  # blocks 0, 3, 6 of 8
+    assert "Measured on 384 of 1,000 samples" in sampled.html()

@@ -130,8 +130,16 @@ def _store_section(i: int, store: SoftLabelStore, st: StoreStats, verify_status:
     if st.views > 1:
         figs.append(F.Figure(f"{key}-view-spread", f"Per sample, the mean KL divergence of each view's target to the "
                              f"average over its {st.views} views (T = {st.similarity_temperature:g}). Large values: "
-                             "the views disagree, so which view a student sees matters.", lambda: F.view_spread(st)))
+                             "the views disagree, so which view a student sees matters." + _sampled(st),
+                             lambda: F.view_spread(st)))
     return section
+
+
+def _sampled(st: StoreStats) -> str:
+    if st.view_kl_rows >= st.num_samples:
+        return ""
+    return (f" Measured on {st.view_kl_rows:,} of {st.num_samples:,} samples (every {st.view_block_stride}th block of "
+            "rows: the dense per-view distributions of every row would cost too much).")
 
 
 def _comparison_section(stores: list[SoftLabelStore], report: Report, pairs: list[tuple[int, int]], t: float) -> Section:

@@ -205,7 +205,7 @@ def view_spread(st: StoreStats) -> bytes:
     with plt.rc_context(STYLE):
         fig, ax = _figure()
         edges = st.view_kl_edges()
-        ax.stairs(st.view_kl_counts / max(st.num_samples, 1), edges, fill=True, color=BLUE)
+        ax.stairs(st.view_kl_counts / max(st.view_kl_rows, 1), edges, fill=True, color=BLUE)
         ax.axvline(st.view_kl_mean, color="k", lw=1, ls="--")
         used = np.flatnonzero(st.view_kl_counts)
         lo = edges[used[0]] if used.size else edges[0]

@@ -37,6 +37,9 @@ MAX_SIMILARITY_CLASSES = 4096
 #: Dense [rows, C] distributions are built this many elements at a time.
 DENSE_ELEMENTS = 1 << 22
 BLOCK_ROWS = 1 << 16
+#: The view spread needs dense [rows, V, C] distributions; past this many elements in all (a few
+#: seconds here) it is measured on every n-th block of rows, and the report says so.
+VIEW_SPREAD_ELEMENTS = 1 << 30
 
 
 @dataclass
@@ -69,6 +72,9 @@ class StoreStats:
     similarity_rows: np.ndarray | None = None  # [C] rows summed into each similarity row
     view_kl_counts: np.ndarray | None = None
     view_kl_sum: float = 0.0
+    view_kl_rows: int = 0  # samples behind the view-spread histogram
+    view_block_stride: int = 1  # every n-th block of rows feeds it (dense [rows, V, C] work is bounded)
+    view_blocks_seen: int = 0
     view_top1_agree: int = 0
 
     # -- derived figures -------------------------------------------------------------
@@ -124,7 +130,7 @@ class StoreStats:
 
     @property
     def view_kl_mean(self) -> float | None:
-        return None if self.view_kl_counts is None else self.view_kl_sum / max(self.num_samples, 1)
+        return None if self.view_kl_counts is None else self.view_kl_sum / max(self.view_kl_rows, 1)
 
     def view_kl_edges(self) -> np.ndarray:
         """Log-spaced bin edges of the view-spread histogram, up to log V (KL(p_v || mean_v p) <= log V)."""
@@ -155,10 +161,10 @@ def lse_column(lse: torch.Tensor, temperatures: Sequence[float], t: float) -> to
     return lse[..., temperature_index(temperatures, t)]
 
 
-def blocks(store: SoftLabelStore, names: Sequence[str], block_rows: int = BLOCK_ROWS) -> Iterator[dict[str, np.ndarray]]:
-    """Whole-chunk row blocks of the named arrays, read straight from Zarr: one pass."""
+def blocks(store: SoftLabelStore, names: Sequence[str], block_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Whole-chunk row blocks of the named arrays (about ``BLOCK_ROWS`` rows), read straight from Zarr: one pass."""
     chunk = store.schema.rows_per_chunk
-    rows = max(chunk, block_rows // chunk * chunk)
+    rows = max(chunk, (block_rows or BLOCK_ROWS) // chunk * chunk)
     arrays = {name: store.array(name) for name in names}
     for start in range(0, store.num_samples, rows):
         yield {name: arr[start : start + rows] for name, arr in arrays.items()}
@@ -234,6 +240,7 @@ def compute_store_stats(store: SoftLabelStore, temperature: float) -> StoreStats
         st.similarity_sum, st.similarity_fill, st.similarity_rows = np.zeros((c, c)), np.zeros(c), np.zeros(c)
     if v > 1:
         st.view_kl_counts = np.zeros(VIEW_KL_BINS, np.int64)
+        st.view_block_stride = max(1, math.ceil(s.num_samples * v * c / VIEW_SPREAD_ELEMENTS))
     names = [fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP] + ([fmt.LABELS] if s.labeled else [])
     with torch.no_grad():
         for raw in blocks(store, names):
@@ -284,6 +291,12 @@ def _accumulate(st: StoreStats, b: dict[str, torch.Tensor]) -> None:
         st.similarity_fill += np.bincount(group.numpy(), weights=fill.double().numpy(), minlength=c)
         st.similarity_rows += np.bincount(group.numpy(), minlength=c)
     if v > 1:
+        tops = indices[:, :, 0]
+        st.view_top1_agree += int((tops == tops[:, :1]).all(-1).sum())
+        st.view_blocks_seen += 1
+        if (st.view_blocks_seen - 1) % st.view_block_stride:
+            return
+        st.view_kl_rows += rows
         lse_v = lse_t.reshape(rows, v)
         for part, dense in dense_targets(values, indices, lse_v, t, c):
             kl = view_spread(dense)
@@ -291,8 +304,6 @@ def _accumulate(st: StoreStats, b: dict[str, torch.Tensor]) -> None:
             where = np.searchsorted(edges, kl.numpy(), side="right") - 1
             st.view_kl_counts += np.bincount(where.clip(0, VIEW_KL_BINS - 1), minlength=VIEW_KL_BINS)
             st.view_kl_sum += float(kl.double().sum())
-        tops = indices[:, :, 0]
-        st.view_top1_agree += int((tops == tops[:, :1]).all(-1).sum())
 
 
 def view_spread(dense: torch.Tensor) -> torch.Tensor:
