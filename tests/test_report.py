@@ -246,3 +246,9 @@ def test_view_spread_of_a_multi_view_store(tmp_path, monkeypatch):
     st = sampled.stats[0]
     assert st.view_kl_rows == 128 * 3  # blocks 0, 3, 6 of 8
     assert "Measured on 384 of 1,000 samples" in sampled.html()
+
+
+def test_temperature_not_stored_is_refused(tmp_path, cli):
+    labels = np.random.default_rng(0).integers(0, 60, 300)
+    a, _, _ = _pair(tmp_path, labels)
+    one_line_error(*cli("report", a, "-T", "3", "--out", tmp_path / "r.html"), "-T 3 is not stored", "1, 2, 4")

@@ -143,9 +143,8 @@ def default_temperature(stores: Sequence[SoftLabelStore], requested: float | Non
     their similarity structure at a raised T), else 1 -- always exact, since stored values are
     the T = 1 log-probabilities."""
     if requested is not None:
-        if float(requested) != 1.0:
-            for store in stores:
-                temperature_index(store.temperatures, requested)
+        for store in stores:
+            check_temperature(store, requested)
         return float(requested)
     common = set(stores[0].temperatures).intersection(*(s.temperatures for s in stores[1:]))
     if not common:
@@ -343,12 +342,15 @@ def store_header(store: SoftLabelStore, verify_status: str) -> list[tuple[str, s
 
 
 def check_temperature(store: SoftLabelStore, t: float) -> None:
-    """A clear error when ``t`` cannot be reconstructed from ``store``."""
+    """A clear error when ``t`` cannot be reconstructed from ``store`` (T = 1 always can)."""
     if float(t) != 1.0:
         try:
             temperature_index(store.temperatures, t)
-        except InvalidTargetsError as exc:
-            raise InvalidTargetsError(f"{store.location}: {exc}") from None
+        except InvalidTargetsError:
+            grid = ", ".join(f"{g:g}" for g in store.temperatures)
+            raise InvalidTargetsError(
+                f"-T {t:g} is not stored in {store.location} (its temperatures: {grid}); pass -T one of those, or 1"
+            ) from None
 
 
 def summary_row(st: StoreStats) -> dict[str, Any]:
