@@ -125,8 +125,9 @@ def label_in_topk(st: StoreStats) -> bytes:
 def per_class_accuracy(st: StoreStats) -> bytes:
     acc = st.per_class_accuracy()
     with plt.rc_context(STYLE):
-        fig, ax = _figure(max(4.6, min(9.0, 0.2 * st.num_classes)), 3.1)
-        if st.num_classes <= MAX_HEATMAP_CLASSES:
+        wide = st.num_classes <= MAX_HEATMAP_CLASSES  # one bar per class; else a sorted curve
+        fig, ax = _figure(max(4.6, min(9.0, 0.2 * st.num_classes)) if wide else 5.2, 3.1)
+        if wide:
             ax.bar(np.arange(st.num_classes), acc, color=BLUE)
             ax.set(xlabel="class", xticks=np.arange(st.num_classes) if st.num_classes <= 20 else None)
         else:
