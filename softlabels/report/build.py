@@ -66,10 +66,16 @@ def build_report(
     report = Report("softlabels report", "", sections, groups=groups)
     t = default_temperature(opened, temperature) if opened else 1.0
     for i, store in enumerate(opened):
-        st = compute_store_stats(store, t)
+        status = _verify_status(store, storage_options) if verify else "not run (--no-verify)"
+        try:
+            st = compute_store_stats(store, t)
+        except Exception as exc:  # a damaged chunk that does not decode: say what verify found
+            if not status.startswith("FAILED"):
+                raise
+            raise SoftlabelsError(f"{store.location} is damaged ({status}); it cannot be read "
+                                  f"({type(exc).__name__}); run `softlabels verify {store.location}`") from None
         report.stats.append(st)
-        sections.append(_store_section(i, store, st, _verify_status(store, storage_options) if verify else
-                                       "not run (--no-verify)"))
+        sections.append(_store_section(i, store, st, status))
     pairs = comparable_pairs(opened)
     if pairs:
         sections.append(_comparison_section(opened, report, pairs, t))
