@@ -252,3 +252,14 @@ def test_temperature_not_stored_is_refused(tmp_path, cli):
     labels = np.random.default_rng(0).integers(0, 60, 300)
     a, _, _ = _pair(tmp_path, labels)
     one_line_error(*cli("report", a, "-T", "3", "--out", tmp_path / "r.html"), "-T 3 is not stored", "1, 2, 4")
+
+
+def test_damaged_store_is_one_line(tmp_path, cli):
+    labels = np.random.default_rng(0).integers(0, 60, 600)
+    a, _, _ = _pair(tmp_path, labels)
+    chunk = sorted(p for p in (a / "topk_values" / "c").rglob("*") if p.is_file())[1]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    chunk.write_bytes(data)
+    one_line_error(*cli("report", a, "--out", tmp_path / "r.html"), "is damaged", "checksum mismatch",
+                   "softlabels verify")
