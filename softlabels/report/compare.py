@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from softlabels.errors import SchemaMismatchError
-from softlabels.report.stats import as_tensors, blocks, lse_column, sparse_kl, sparse_targets
+from softlabels.report.stats import as_tensors, blocks, lse_column, one_torch_thread, sparse_kl, sparse_targets
 from softlabels.stores import SoftLabelStore
 from softlabels.stores import format as fmt
 
@@ -89,7 +89,7 @@ def compare_stores(a: SoftLabelStore, b: SoftLabelStore, temperature: float) -> 
     views = slice(None) if same_views else slice(0, 1)
     c, t = a.num_classes, float(temperature)
     agree, kl_ab, kl_ba, n = 0, 0.0, 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), one_torch_thread():
         for raw_a, raw_b in zip(blocks(a, _NAMES, _rows(a, b)), blocks(b, _NAMES, _rows(a, b))):
             ta, tb = as_tensors(raw_a), as_tensors(raw_b)
             va, ia = (ta[name][:, views].flatten(0, 1) for name in _NAMES[:2])

@@ -12,6 +12,7 @@ Statistics are over every stored (sample, view) target unless said otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -224,6 +225,19 @@ def _bins(x: torch.Tensor, n: int) -> np.ndarray:
     return (x * n).floor().clamp(0, n - 1).long().numpy()
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """The report's tensor work is short element-wise passes over blocks: a second intra-op thread
+    gains little alone and loses several-fold on a busy machine (measured: 5x wall time at load 30
+    on 2 cores), so it runs on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def compute_store_stats(store: SoftLabelStore, temperature: float) -> StoreStats:
     """One pass over ``store``; ``temperature`` is the class-similarity / view-spread T."""
     s = store.schema
@@ -241,7 +255,7 @@ def compute_store_stats(store: SoftLabelStore, temperature: float) -> StoreStats
         st.view_kl_counts = np.zeros(VIEW_KL_BINS, np.int64)
         st.view_block_stride = max(1, math.ceil(s.num_samples * v * c / VIEW_SPREAD_ELEMENTS))
     names = [fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP] + ([fmt.LABELS] if s.labeled else [])
-    with torch.no_grad():
+    with torch.no_grad(), one_torch_thread():
         for raw in blocks(store, names):
             _accumulate(st, as_tensors(raw))
     return st
