@@ -121,7 +121,7 @@ def _load(path: Path) -> Run:
 
 
 def group_runs(runs: list[Run]) -> list[RunGroup]:
-    """Group by recipe, in order of first appearance. A group's label is its method, T, k and
+    """Group by recipe, best mean test accuracy first. A group's label is its method, T, k and
     training splits, plus -- only where that still leaves two groups alike -- the recipe entries
     that tell them apart."""
     groups: dict[str, RunGroup] = {}
@@ -139,7 +139,7 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
                 if len(values) > 1:
                     extra.append(_differing(key, group.recipe.get(key), [r.get(key) for r in alike]))
         group.label = " ".join([base, *extra])
-    return result
+    return sorted(result, key=lambda g: -g.mean)  # best recipe first: which one won is the first question
 
 
 def _base_label(recipe: dict[str, Any]) -> str:
