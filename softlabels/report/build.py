@@ -111,12 +111,16 @@ def _store_section(i: int, store: SoftLabelStore, st: StoreStats, verify_status:
     figs = section.figures
     figs.append(F.Figure(f"{key}-confidence", "The teacher's confidence (max probability at T = 1); with labels, split "
                          "by whether its top-1 is right.", lambda: F.confidence_histogram(st)))
-    figs.append(F.Figure(f"{key}-topk-mass", f"CDF of the probability mass the stored top-{st.k} keeps, per stored T. "
-                         "KD-topk spreads the rest (1 − mass) uniformly over the other classes; mass near 1 means "
-                         "the store loses little.", lambda: F.topk_mass_cdf(st)))
+    if st.k >= st.num_classes:
+        section.notes.append(f"k = C = {st.k}: the store keeps every class, so the top-k mass is 1 at every T and "
+                             "KD-topk is the full teacher softmax (no mass figure).")
+    else:
+        figs.append(F.Figure(f"{key}-topk-mass", f"CDF of the probability mass the stored top-{st.k} keeps, per stored T. "
+                             "KD-topk spreads the rest (1 − mass) uniformly over the other classes; mass near 1 "
+                             "means the store loses little.", lambda: F.topk_mass_cdf(st)))
     if st.labeled:
         figs.append(F.Figure(f"{key}-reliability", f"Reliability at T = 1 over {len(st.reliability_counts)} equal-width "
-                             "confidence bins; ECE = Σ n_b/n · |accuracy_b − confidence_b|. Bars below the diagonal: "
+                             "confidence bins; ECE = Σ n_b/n · |accuracy_b − confidence_b|. Orange above the bar: "
                              "over-confident.", lambda: F.reliability_diagram(st)))
         figs.append(F.Figure(f"{key}-label-in-topk", "How often the label is among the first j stored classes. A "
                              "label outside the top-k gets only the uniform tail share in KD-topk.", lambda: F.label_in_topk(st)))

@@ -99,8 +99,8 @@ def reliability_diagram(st: StoreStats) -> bytes:
         width = edges[1] - edges[0]
         filled = n > 0
         ax.bar(edges[:-1][filled], acc[filled], width, align="edge", color=BLUE, edgecolor="white", label="accuracy")
-        ax.bar(edges[:-1][filled], (conf - acc)[filled], width, bottom=acc[filled], align="edge", color=ORANGE,
-               alpha=0.45, edgecolor=ORANGE, label="gap to confidence")
+        ax.hlines(conf[filled], edges[:-1][filled], edges[1:][filled], color=ORANGE, lw=2.5,
+                  label="mean confidence")
         ax.plot([0, 1], [0, 1], color="k", lw=1, ls="--")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (T = 1)", ylabel="accuracy",
                title=f"Reliability, ECE = {100 * st.ece:.2f} %")
