@@ -96,11 +96,11 @@ def compare_stores(a: SoftLabelStore, b: SoftLabelStore, temperature: float) -> 
             vb, ib = (tb[name][:, views].flatten(0, 1) for name in _NAMES[:2])
             la = lse_column(ta[fmt.LOGSUMEXP][:, views].flatten(0, 1), a.temperatures, t)
             lb = lse_column(tb[fmt.LOGSUMEXP][:, views].flatten(0, 1), b.temperatures, t)
-            agree += int((ia[:, 0] == ib[:, 0]).sum())
             n += ia.shape[0]
-            (pa, fa), (pb, fb) = sparse_targets(va, la, t, c), sparse_targets(vb, lb, t, c)
-            kl_ab += float(sparse_kl(pa, ia, fa, pb, ib, fb, c).double().sum())
-            kl_ba += float(sparse_kl(pb, ib, fb, pa, ia, fa, c).double().sum())
+            agree += int((ia[:, 0] == ib[:, 0]).sum())
+            (pa, xa, fa), (pb, xb, fb) = sparse_targets(va, ia, la, t, c), sparse_targets(vb, ib, lb, t, c)
+            kl_ab += float(sparse_kl(pa, xa, fa, pb, xb, fb, c).double().sum())
+            kl_ba += float(sparse_kl(pb, xb, fb, pa, xa, fa, c).double().sum())
     label = "all" if same_views and a.views > 1 else ("view 0" if max(a.views, b.views) > 1 else "all")
     return Agreement(a.location, b.location, t, label, n, agree, kl_ab, kl_ba)
 

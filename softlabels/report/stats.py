@@ -24,7 +24,7 @@ import torch
 from softlabels.errors import InvalidTargetsError
 from softlabels.stores import SoftLabelStore
 from softlabels.stores import format as fmt
-from softlabels.targets import tail_mass, temperature_index, topk_distribution, topk_log_probs
+from softlabels.targets import TeacherTarget, tail_mass, temperature_index, topk_distribution, topk_log_probs
 
 #: Equal-width confidence bins of the reliability diagram and ECE (Guo et al. 2017 use 15).
 RELIABILITY_BINS = 15
@@ -191,17 +191,16 @@ def dense_targets(values: torch.Tensor, indices: torch.Tensor, lse_t: torch.Tens
         yield rows, topk_distribution(values[rows], indices[rows], lse_t[rows], t, num_classes)
 
 
-def sparse_targets(values: torch.Tensor, lse_t: torch.Tensor, t: float, num_classes: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The KD-topk distribution at t without building it: ``probs [..., k]`` of the stored
-    classes and ``fill [...]``, the probability of each of the other ``C - k`` classes (0 when
-    k = C). Dense, it is :func:`softlabels.targets.topk_distribution` (up to its renormalisation
-    of fp16 rows whose top-k sums past 1)."""
-    probs = topk_log_probs(values, lse_t, t).exp()
-    k = values.shape[-1]
-    if k >= num_classes:
-        return probs, probs.new_zeros(probs.shape[:-1])
-    return probs, tail_mass(values, lse_t, t) / (num_classes - k)
+def sparse_targets(values: torch.Tensor, indices: torch.Tensor, lse_t: torch.Tensor, t: float, num_classes: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The KD-topk distribution at t (:meth:`softlabels.targets.TeacherTarget.topk`) in sparse
+    form: ``probs [..., k]`` at classes ``index [..., k]`` and ``fill [...]``, the probability of
+    each other class (0 when k = C, where the target comes dense, in class order)."""
+    target = TeacherTarget.topk(values, indices, lse_t, t, num_classes)
+    if target.index is None:
+        index = torch.arange(num_classes).expand(target.probs.shape)
+        return target.probs, index, target.probs.new_zeros(target.probs.shape[:-1])
+    return target.probs, target.index, target.fill[..., 0]
 
 
 def sparse_kl(pa: torch.Tensor, ia: torch.Tensor, fa: torch.Tensor, pb: torch.Tensor, ib: torch.Tensor,
@@ -297,8 +296,8 @@ def _accumulate(st: StoreStats, b: dict[str, torch.Tensor]) -> None:
     t = st.similarity_temperature
     lse_t = lse_column(flat_l, st.temperatures, t)
     if st.similarity_sum is not None:  # sparse: each row adds its fill everywhere, probs - fill on its top-k
-        probs, fill = sparse_targets(flat_v, lse_t, t, c)
-        flat = (group[:, None] * c + flat_i).reshape(-1)
+        probs, index, fill = sparse_targets(flat_v, flat_i, lse_t, t, c)
+        flat = (group[:, None] * c + index).reshape(-1)
         sim = torch.from_numpy(st.similarity_sum).view(-1)
         sim.index_add_(0, flat, (probs - fill[:, None]).reshape(-1).double())
         st.similarity_fill += np.bincount(group.numpy(), weights=fill.double().numpy(), minlength=c)
