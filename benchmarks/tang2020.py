@@ -102,11 +102,15 @@ def _init_worker() -> None:
     torch.set_num_interop_threads(1)
 
 
-def run_train(argv: list[str]) -> dict[str, Any]:
-    """One ``softlabels train`` command, executed in this (single-threaded) pool worker."""
+def run_train(argv: list[str], reuse: bool = False) -> dict[str, Any]:
+    """One ``softlabels train`` command, executed in this (single-threaded) pool worker; with
+    ``reuse``, a run whose ``metrics.json`` exists is read back instead of retrained."""
     from softlabels.cli.app import app
 
     out = Path(argv[argv.index("--out") + 1])
+    if reuse and (out / "metrics.json").exists():
+        metrics = json.loads((out / "metrics.json").read_text())
+        return {key: metrics[key] for key in ("test_accuracy", "best_test_accuracy", "wall_seconds", "steps")}
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the one-line summary per run
         app(args=argv, standalone_mode=False)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -150,7 +154,7 @@ def teacher_summary(spec: str, weights: Path, store: Path, width: int) -> dict[s
                            num_classes=info.num_classes)
     s = open_store(str(store))
     out = {"test_accuracy": evaluate_accuracy(teacher.model, test),
-           "logit_scale": float(teacher.model.classifier.scale)}
+           "logit_scale": float(teacher.model.classifier.scale.detach())}
     fields = s.read(np.arange(s.num_samples), ["topk_indices", "label_logit", "logsumexp", "labels"], view=0)
     out["train_accuracy"] = float((fields["topk_indices"][:, 0] == fields["labels"]).mean())
     for i, t in enumerate(s.temperatures):
@@ -311,10 +315,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _complete(store: Path) -> bool:
+    from softlabels.errors import SoftlabelsError
+    from softlabels.stores import open_store
+
+    try:
+        return store.exists() and open_store(str(store)).meta.status == "complete"
+    except SoftlabelsError:
+        return False
+
+
+def _fit_and_dump(cfg: argparse.Namespace, spec: str, arch: str, weights: Path, store: Path, commands: list[str]) -> None:
+    cli("teacher", "fit", "--dataset", spec, "--arch", arch, "--epochs", str(cfg.teacher_epochs),
+        "--lr", f"{cfg.lr:g}", "--batch-size", str(cfg.batch_size), "--seed", "0", "--threads", "1",
+        "--quiet", "--out", str(weights), log=commands)
+    cli("dump", "--teacher", f"builtin:{arch}", "--weights", str(weights), "--dataset", spec,
+        "--split", "train", "--k", str(cfg.classes), "--temperatures", "1,2,4", "--no-features",
+        "--workers", "1", "--overwrite", "--quiet", "--out", str(store), log=commands)
+
+
+def _check_resumable(out: Path, cfg: argparse.Namespace) -> None:
+    """Runs already in ``out`` are reused only if they were made with the same settings."""
+    keys = ("taus", "difficulty", "classes", "superclasses", "dim", "train_samples", "test_samples", "data_seed",
+            "teacher_width", "teacher_epochs", "student_width", "epochs", "lr", "batch_size", "temperature")
+    current = {k: getattr(cfg, k) for k in keys}
+    path = out / "config.json"
+    if path.exists() and json.loads(path.read_text()) != current:
+        raise SystemExit(f"{out} holds runs made with other settings ({path}); use another --out or delete it")
+    path.write_text(json.dumps(current, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
     out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, cfg)
     start = time.perf_counter()
     commands: list[str] = []
     teacher_arch = f"tangmlp-{cfg.teacher_width}"
@@ -325,12 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spec = dataset_spec(cfg, tau, difficulty)
         tag = f"M{difficulty}-tau{tau:g}"
         weights, store = out / f"teacher-{tag}.pt", out / f"store-{tag}.zarr"
-        cli("teacher", "fit", "--dataset", spec, "--arch", teacher_arch, "--epochs", str(cfg.teacher_epochs),
-            "--lr", f"{cfg.lr:g}", "--batch-size", str(cfg.batch_size), "--seed", "0", "--threads", "1",
-            "--quiet", "--out", str(weights), log=commands)
-        cli("dump", "--teacher", f"builtin:{teacher_arch}", "--weights", str(weights), "--dataset", spec,
-            "--split", "train", "--k", str(cfg.classes), "--temperatures", "1,2,4", "--no-features",
-            "--workers", "1", "--overwrite", "--quiet", "--out", str(store), log=commands)
+        if not (weights.exists() and _complete(store)):
+            _fit_and_dump(cfg, spec, teacher_arch, weights, store, commands)
         summary = teacher_summary(spec, weights, store, cfg.teacher_width)
         print(f"teacher {tag}: test {100 * summary['test_accuracy']:.2f}%, train {100 * summary['train_accuracy']:.2f}%, "
               f"mean p_t[y] T=1 {summary['mean_p_true_T1']:.3f}", flush=True)
@@ -339,22 +370,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 3: students, all settings and seeds in one pool.
     rows = method_rows(cfg.classes, cfg.temperature)
     sweeps = [] if cfg.no_sweeps else sweep_rows()
-    jobs = []
-    for s in settings:
-        todo = [("runs", r) for r in rows] + [("sweeps", r) for r in sweeps if s["difficulty"] == cfg.sweep_difficulty]
-        for kind, (label, method, opts) in todo:
-            for seed in range(cfg.seeds if kind == "runs" else cfg.sweep_seeds):
-                run_dir = out / "runs" / f"M{s['difficulty']}-tau{s['tau']:g}" / kind / label.replace(" ", "_") / f"seed{seed}"
-                job = {"dataset": s["dataset"], "store": s["store"], "method": method, "opts": opts, "seed": seed,
-                       "run_dir": str(run_dir)}
-                argv = train_argv(job, cfg)
-                commands.append("softlabels " + " ".join(shlex.quote(a) for a in argv))
-                jobs.append((s, kind, label, argv))
-    print(f"{len(jobs)} student runs on {cfg.workers} single-threaded workers ...", flush=True)
+    # Seed-major, main table first: an interrupted run leaves whole seeds of every cell, and a
+    # rerun with the same --out reuses every finished run (its metrics.json).
+    plan = [(seed, s, "runs", row) for seed in range(cfg.seeds) for s in settings for row in rows]
+    plan += [(seed, s, "sweeps", row) for seed in range(cfg.sweep_seeds) for s in settings for row in sweeps
+             if s["difficulty"] == cfg.sweep_difficulty]
+    jobs, reused = [], 0
+    for seed, s, kind, (label, method, opts) in plan:
+        run_dir = out / "runs" / f"M{s['difficulty']}-tau{s['tau']:g}" / kind / label.replace(" ", "_") / f"seed{seed}"
+        job = {"dataset": s["dataset"], "store": s["store"], "method": method, "opts": opts, "seed": seed,
+               "run_dir": str(run_dir)}
+        argv = train_argv(job, cfg)
+        commands.append("softlabels " + " ".join(shlex.quote(a) for a in argv))
+        jobs.append((s, kind, label, argv))
+        reused += (run_dir / "metrics.json").exists()
+    print(f"{len(jobs)} student runs ({reused} already done in {out}) on {cfg.workers} single-threaded workers ...",
+          flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = [pool.submit(run_train, argv) for *_, argv in jobs]
+        futures = [pool.submit(run_train, argv, reuse=True) for *_, argv in jobs]
         for (s, kind, label, _), future in zip(jobs, futures):
             s[kind].setdefault(label, []).append(future.result())
     wall = time.perf_counter() - start

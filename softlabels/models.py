@@ -226,3 +226,6 @@ def _register_tangmlp(width: int) -> None:
 
 for _width in (8, 16, 32, 64, 128, 256, 512):
     _register_tangmlp(_width)
+
+
+from softlabels import models_cifar  # noqa: E402,F401  (registers resnet20, resnet56)
