@@ -13,7 +13,7 @@ For every difficulty M and class similarity tau of the grid:
 
 Methods (library defaults, not tuned here): CE, LS (eps 0.1), and at T = 4 with CE weight 0.1 and
 KD weight 0.9: KD, KD-pt, KD-sim (rho 1), KD-pt+sim and KD-topk at k = 1, 3, C/4 (the first k of
-the same store). Two sweeps explain the claims (see BENCHMARKS.md): KD-pt and KD at T = 1, 2
+the same store). Two sweeps explain the claims (see BENCHMARKS.md and ``sweep_rows``): KD-pt at T = 1, 2
 (where the teacher's confidence on the true class differs), and KD-sim over (T, rho).
 
 Output (``--out``): ``results.json`` (every run), ``results.md`` (the tables and verdicts that
@@ -65,18 +65,22 @@ def method_rows(num_classes: int, temperature: float) -> list[tuple[str, str, di
     ]
 
 
-def sweep_rows() -> list[tuple[str, str, dict[str, Any]]]:
-    """The explanatory sweeps. KD-pt keeps only the teacher's probability on the true class,
-    whose size the temperature sets (mean p_t[y] is in the table); KD-sim's target
-    ``softmax(cos^rho / T)`` is near uniform at T = 4 (cosines lie in [-1, 1]), while the teacher's
-    own logits are ``scale * cos`` with a learned scale, so T = 4 / scale matches them."""
-    rows: list[tuple[str, str, dict[str, Any]]] = [
-        ("kd T=1", "kd", {"temperature": 1.0}),
-        ("kd-pt T=1", "kd-pt", {"temperature": 1.0}),
-        ("kd-pt T=2", "kd-pt", {"temperature": 2.0}),
+def sweep_rows() -> list[tuple[str, str, dict[str, Any], str]]:
+    """The explanatory sweeps, ``(label, method, options, taus)`` with ``taus`` "low" (the
+    lowest tau only) or "ends" (lowest and highest). KD-pt keeps only the teacher's probability
+    on the true class, whose size the temperature sets (mean p_t[y] per T is in the table), so it
+    runs at T = 1, 2 (with KD at T = 1 for reference) where its claim is made, at low tau. KD-sim's
+    target ``softmax(cos^rho / T)`` is near uniform at T = 4 (cosines lie in [-1, 1]), while the
+    teacher's own logits are ``scale * cos`` with a learned scale, so T = 4 / scale matches them:
+    KD-sim runs at T = 1, 0.25, 0.1 (rho 1) and rho = 3 at T = 0.1, at both ends of tau."""
+    rows: list[tuple[str, str, dict[str, Any], str]] = [
+        ("kd T=1", "kd", {"temperature": 1.0}, "low"),
+        ("kd-pt T=1", "kd-pt", {"temperature": 1.0}, "low"),
+        ("kd-pt T=2", "kd-pt", {"temperature": 2.0}, "low"),
     ]
     for temperature, rho in ((1.0, 1.0), (0.25, 1.0), (0.1, 1.0), (0.1, 3.0)):
-        rows.append((f"kd-sim T={temperature:g} rho={rho:g}", "kd-sim", {"temperature": temperature, "hparams": {"rho": rho}}))
+        rows.append((f"kd-sim T={temperature:g} rho={rho:g}", "kd-sim",
+                     {"temperature": temperature, "hparams": {"rho": rho}}, "ends"))
     return rows
 
 
@@ -102,19 +106,21 @@ def _init_worker() -> None:
     torch.set_num_interop_threads(1)
 
 
+def _finished(argv: list[str]) -> bool:
+    return (Path(argv[argv.index("--out") + 1]) / "metrics.json").exists()
+
+
 def run_train(argv: list[str], reuse: bool = False) -> dict[str, Any]:
     """One ``softlabels train`` command, executed in this (single-threaded) pool worker; with
     ``reuse``, a run whose ``metrics.json`` exists is read back instead of retrained."""
     from softlabels.cli.app import app
 
     out = Path(argv[argv.index("--out") + 1])
-    if reuse and (out / "metrics.json").exists():
-        metrics = json.loads((out / "metrics.json").read_text())
-        return {key: metrics[key] for key in ("test_accuracy", "best_test_accuracy", "wall_seconds", "steps")}
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the one-line summary per run
-        app(args=argv, standalone_mode=False)
+    if not (reuse and _finished(argv)):
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the one-line summary per run
+            app(args=argv, standalone_mode=False)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {key: metrics[key] for key in ("test_accuracy", "best_test_accuracy", "wall_seconds", "steps")}
+    return {key: metrics[key] for key in ("seed", "test_accuracy", "best_test_accuracy", "wall_seconds", "steps")}
 
 
 def train_argv(job: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
@@ -213,10 +219,12 @@ def report(results: dict[str, Any], cfg: argparse.Namespace) -> str:
         if sweeps:
             lines += [f"Sweeps (M = {difficulty}; best / last, mean ± std):", "", "| run | " + " | ".join(
                 f"τ={s['tau']:g}" for s in sweeps) + " |", "|---|" + "---|" * len(sweeps)]
-            for label in sweeps[0]["sweeps"]:
+            labels = list(dict.fromkeys(label for s in sweeps for label in s["sweeps"]))
+            for label in labels:
                 lines.append(f"| {label} | " + " | ".join(
                     _pct([r["best_test_accuracy"] for r in s["sweeps"][label]]) + " / "
-                    + _pct([r["test_accuracy"] for r in s["sweeps"][label]]) for s in sweeps) + " |")
+                    + _pct([r["test_accuracy"] for r in s["sweeps"][label]]) if label in s["sweeps"] else "–"
+                    for s in sweeps) + " |")
             lines += ["", "Sweep differences (best-of-run, pt; d in pooled seed stds):", ""] + [
                 f"- τ={s['tau']:g}: " + "; ".join(sweep_effects(s)) for s in sweeps] + [""]
     return "\n".join(lines)
@@ -302,13 +310,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-difficulty", type=int, default=None, help="Difficulty the sweeps run at (default: the first).")
     p.add_argument("--sweep-seeds", type=int, default=3, help="Seeds per sweep cell.")
     p.add_argument("--quick", action="store_true",
-                   help="Smoke: 1 seed, one tau, 2,000 samples, 3 teacher and 5 student epochs, no sweeps.")
+                   help="Smoke: 1 seed, one tau, 2,000 train / 2,000 test samples, 3 teacher and 10 student epochs, no sweeps.")
     args = p.parse_args(argv)
     args.taus = [float(t) for t in args.taus.split(",")]
     args.difficulty = [int(m) for m in args.difficulty.split(",")]
     if args.quick:
         args.seeds, args.taus, args.difficulty = 1, args.taus[:1], args.difficulty[:1]
-        args.train_samples, args.test_samples, args.teacher_epochs, args.epochs = 2000, 1000, 3, 5
+        args.train_samples, args.test_samples, args.teacher_epochs, args.epochs = 2000, 2000, 3, 10
         args.no_sweeps = True
     if args.sweep_difficulty is None:
         args.sweep_difficulty = args.difficulty[0]
@@ -373,8 +381,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Seed-major, main table first: an interrupted run leaves whole seeds of every cell, and a
     # rerun with the same --out reuses every finished run (its metrics.json).
     plan = [(seed, s, "runs", row) for seed in range(cfg.seeds) for s in settings for row in rows]
-    plan += [(seed, s, "sweeps", row) for seed in range(cfg.sweep_seeds) for s in settings for row in sweeps
-             if s["difficulty"] == cfg.sweep_difficulty]
+    swept = [s for s in settings if s["difficulty"] == cfg.sweep_difficulty]
+    ends = {"low": swept[:1], "ends": [*swept[:1], *swept[1:][-1:]]}
+    plan += [(seed, s, "sweeps", row[:3]) for seed in range(cfg.sweep_seeds) for row in sweeps for s in ends[row[3]]]
     jobs, reused = [], 0
     for seed, s, kind, (label, method, opts) in plan:
         run_dir = out / "runs" / f"M{s['difficulty']}-tau{s['tau']:g}" / kind / label.replace(" ", "_") / f"seed{seed}"
@@ -383,15 +392,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv = train_argv(job, cfg)
         commands.append("softlabels " + " ".join(shlex.quote(a) for a in argv))
         jobs.append((s, kind, label, argv))
-        reused += (run_dir / "metrics.json").exists()
+        reused += _finished(argv)
     print(f"{len(jobs)} student runs ({reused} already done in {out}) on {cfg.workers} single-threaded workers ...",
           flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = [pool.submit(run_train, argv, reuse=True) for *_, argv in jobs]
-        for (s, kind, label, _), future in zip(jobs, futures):
-            s[kind].setdefault(label, []).append(future.result())
+    done = [job for job in jobs if _finished(job[3])]
+    todo = [job for job in jobs if not _finished(job[3])]
+    for s, kind, label, argv in done:
+        s[kind].setdefault(label, []).append(run_train(argv, reuse=True))
+    if todo:
+        with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker) as pool:
+            futures = [pool.submit(run_train, argv) for *_, argv in todo]
+            for (s, kind, label, _), future in zip(todo, futures):
+                s[kind].setdefault(label, []).append(future.result())
+    for s in settings:  # seed order within each cell, whatever order the runs finished in
+        for kind in ("runs", "sweeps"):
+            s[kind] = {label: sorted(runs, key=lambda r: r["seed"]) for label, runs in s[kind].items()}
     wall = time.perf_counter() - start
     results = {
         "setup": (

@@ -8,7 +8,8 @@ Steps (each printed as the ``softlabels`` command a user would type):
    recipe (random crop + flip, SGD), keys as in ``softlabels.models_cifar``: the intended route,
    because ``softlabels teacher fit`` trains without augmentation and on the CPU only.
    Without it the script falls back to ``softlabels teacher fit --arch resnet56``.
-2. ``softlabels dump`` of the train split: all 100 logits in float32 (KD exact; 20 MB; a barely
+2. ``softlabels dump`` of the test split (k = 1: the teacher's test accuracy, from the store's
+   summary) and of the train split: all 100 logits in float32 (KD exact; 20 MB; a barely
    trained smoke teacher's logits can overflow float16), normalisers at T = 1, 2, 4,
    the classifier weight for KD-sim; one view per image (no stored augmentation for torchvision
    datasets yet), so the students train in the "fixed teacher" regime (BRIEF section 3).
@@ -118,6 +119,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli("dump", "--teacher", "builtin:resnet56", "--weights", str(weights), "--dataset", spec, "--split", "train",
         "--k", str(num_classes), "--temperatures", "1,2,4", "--value-dtype", "float32", "--no-features", "--overwrite", "--quiet",
         "--out", str(store), log=log)
+    test_store = out / "store-test.zarr"  # the teacher's test accuracy, from the dump's own summary
+    cli("dump", "--teacher", "builtin:resnet56", "--weights", str(weights), "--dataset", spec, "--split", "test",
+        "--k", "1", "--temperatures", "1", "--value-dtype", "float32", "--no-features", "--overwrite", "--quiet",
+        "--out", str(test_store), log=log)
+    from softlabels.stores import open_store
+
+    teacher_accuracy = open_store(str(test_store)).meta.summary["teacher_top1_accuracy"]
+    print(f"teacher resnet56: test accuracy {100 * teacher_accuracy:.2f}%", flush=True)
     sgd = trainer_has_sgd()
     recipe = [*SGD_RECIPE, "--lr", f"{cfg.lr:g}"] if sgd else ["--lr", f"{cfg.adam_lr:g}"]
     if not sgd:
@@ -135,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log.append("softlabels " + " ".join(shlex.quote(a) for a in argv))
             print("$ " + log[-1], flush=True)
             results.setdefault(label, []).append(run_train(argv))
-    lines = ["| method | best | last | paper |", "|---|---|---|---|"]
+    lines = ["| method | best | last | paper |", "|---|---|---|---|",
+             f"| teacher resnet56 | – | {100 * teacher_accuracy:.2f} | {PAPER['teacher']:.2f} |"]
     for label, runs in results.items():
         cells = []
         for key in ("best_test_accuracy", "test_accuracy"):
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cells.append(f"{statistics.fmean(values):.2f} ± {std:.2f}")
         paper = PAPER.get(label)
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {'–' if paper is None else f'{paper:.2f}'} |")
-    summary = {"dataset": spec, "sgd_recipe": sgd, "runs": results, "wall_seconds": time.perf_counter() - start}
+    summary = {"dataset": spec, "sgd_recipe": sgd, "teacher_test_accuracy": teacher_accuracy, "runs": results, "wall_seconds": time.perf_counter() - start}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "commands.txt").write_text("\n".join(log) + "\n")
     print("\n".join(lines), flush=True)

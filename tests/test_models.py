@@ -17,9 +17,11 @@ def test_list_models():
     assert {"cnn", "mlp", "resmlp", "linear"} <= set(list_models())
 
 
-@pytest.mark.parametrize("arch", ["cnn", "mlp", "resmlp", "linear"])
+@pytest.mark.parametrize("arch", ["cnn", "mlp", "resmlp", "linear", "tangmlp-16", "resnet20"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_models_output_logits_from_a_linear_classifier(arch, shape):
+    if arch == "resnet20" and len(shape) != 3:
+        pytest.skip("image inputs only")
     torch.manual_seed(0)
     model = build_model(arch, shape, 7).eval()
     assert isinstance(model.classifier, nn.Linear) and model.classifier.out_features == 7
@@ -59,18 +61,6 @@ def test_unknown_arch_and_bad_shapes():
         build_model("cnn", (2,), 10)
     with pytest.raises(SpecError, match=r"num_classes must be >= 1"):
         build_model("mlp", (40,), 0)
-
-
-@pytest.mark.parametrize("arch, shape", [("tangmlp-16", (32,)), ("tangmlp-256", (32,)), ("resnet20", (3, 32, 32)),
-                                         ("resnet56", (3, 32, 32))])
-def test_tang_and_cifar_models_keep_the_classifier_contract(arch, shape):
-    torch.manual_seed(0)
-    model = build_model(arch, shape, 7).eval()
-    assert isinstance(model.classifier, nn.Linear) and model.classifier.out_features == 7
-    seen = {}
-    model.classifier.register_forward_hook(lambda m, a, out: seen.update(inp=a[0], out=out))
-    logits = model(torch.randn(3, *shape))
-    assert logits.shape == (3, 7) and torch.equal(seen["out"], logits)
 
 
 def test_tangmlp_has_a_cosine_classifier():

@@ -30,9 +30,9 @@ def test_quick_trains_every_method_from_the_store_and_beats_chance(tmp_path):
     store = setting["store"]
     assert set(setting["runs"]) == {"ce", "ls", "kd", "kd-pt", "kd-sim", "kd-pt+sim", "kd-topk k=1", "kd-topk k=3",
                                     "kd-topk k=5"}
-    chance = 1 / 20
+    chance = 1 / 20  # beaten by more than 4 binomial stds of a chance-level score on the 2,000 test samples
     for label, runs in setting["runs"].items():
-        assert len(runs) == 1 and runs[0]["best_test_accuracy"] > 1.5 * chance, (label, runs)
+        assert len(runs) == 1 and runs[0]["test_accuracy"] > chance + 4 * (chance * (1 - chance) / 2000) ** 0.5, label
     metrics = _metrics(tmp_path)
     assert {m["method"] for m in metrics} == METHODS and len(metrics) == 9
     for m in metrics:  # every teacher-based method read the dumped store, nothing else
@@ -76,3 +76,4 @@ def test_cifar100_smoke_on_fake_cifar_shaped_images(tmp_path):
         assert m["student"] == "builtin:resnet20" and m["epochs"] == 1 and m["history"][0]["loss"] > 0
         assert m["student_augment"] is not None and m["train_samples"] == 60
     assert "softlabels dump --teacher builtin:resnet56" in (tmp_path / "commands.txt").read_text()
+    assert 0 <= summary["teacher_test_accuracy"] <= 1
