@@ -47,7 +47,7 @@ def test_quick_trains_every_method_from_the_store_and_beats_chance(tmp_path):
     again = tang2020.main(["--quick", "--out", str(tmp_path)])
     assert again["settings"][0]["runs"] == setting["runs"]
     with pytest.raises(SystemExit, match="other settings"):
-        tang2020.main(["--quick", "--epochs", "4", "--out", str(tmp_path)])
+        tang2020.main(["--quick", "--lr", "0.01", "--out", str(tmp_path)])
 
 
 def test_effect_sizes_and_verdicts():
