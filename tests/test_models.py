@@ -84,7 +84,7 @@ def test_cifar_resnets_have_he_et_al_sizes():
 
 
 def test_register_model_decorator(monkeypatch):
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models._REGISTRY, "_entries", dict(models._REGISTRY._entries))
 
     @register_model("tiny")
     def tiny(input_shape, num_classes):
