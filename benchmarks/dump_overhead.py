@@ -79,7 +79,7 @@ def plain_forward_synthetic(spec: str, device: str, batch_size: int) -> float:
     """Rows/s of the teacher alone on ``device`` (bf16 autocast on CUDA, as the dump), over the
     same in-memory batches the dump's predictor slices."""
     from softlabels.datasets import load_dataset
-    from softlabels.pipelines.predictor import autocast_for
+    from softlabels.device import autocast_for
     from softlabels.teachers import load_teacher
 
     dev = torch.device(device)
