@@ -72,10 +72,10 @@ def fit(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; print only the result line."),
 ) -> None:
     """Train a classifier on the train split (eval preprocessing, no augmentation), report
-    test-split accuracy and save a plain state_dict usable as --teacher ... --weights OUT."""
+    test-split (else val-split) accuracy and save a plain state_dict usable as --teacher ... --weights OUT."""
     import torch
 
-    from softlabels.datasets import load_dataset
+    from softlabels.datasets import held_out_split, load_dataset
     from softlabels.fit import fit_classifier
     from softlabels.teachers import build_teacher_model
 
@@ -84,7 +84,8 @@ def fit(
         torch.set_num_threads(threads)  # this command owns the process
     spec = _teacher_spec(arch)
     train_set, info = load_dataset(dataset, "train")
-    test_set, _ = load_dataset(dataset, "test")
+    eval_split = held_out_split(dataset) or "test"  # test, else val; "test" names the error when neither exists
+    test_set, _ = load_dataset(dataset, eval_split)
     if info.labels is None:
         raise SpecError(f"{info.spec} train split is unlabeled; a teacher needs labels")
     model = build_teacher_model(spec, info.input_shape, info.num_classes, seed=seed)
@@ -100,7 +101,7 @@ def fit(
     )
     _save_atomic(model.state_dict(), out)
     typer.echo(
-        f"test accuracy {result['test_accuracy']:.4f} (train {result['train_accuracy']:.4f}) "
+        f"{eval_split} accuracy {result['test_accuracy']:.4f} (train {result['train_accuracy']:.4f}) "
         f"after {epochs} epochs in {result['seconds']:.1f} s; wrote {out}"
     )
     if not quiet:

@@ -9,7 +9,10 @@ import typer
 
 from softlabels.cli.options import parse_key_values, parse_storage_options, storage_option_flag
 from softlabels.losses import list_methods
+from softlabels.recipe import Recipe
 from softlabels.train import DEFAULTS
+
+_RECIPE = Recipe()  # the defaults the flags show
 
 
 
@@ -29,14 +32,53 @@ def register(app: typer.Typer) -> None:
             "Optional for ce/ls.",
         ),
         dataset: str = typer.Option(..., "--dataset", help="Dataset spec the stores were dumped from, e.g. mnist1d."),
-        student: str = typer.Option("builtin:mlp", "--student", help="Student spec: builtin:<arch> (mlp, cnn, ...)."),
+        student: str = typer.Option(
+            "builtin:mlp", "--student",
+            help="Student spec, as --teacher: builtin:<arch> (mlp, cnn, ...), torchvision:<arch>, timm:<arch> or "
+            "package.module:factory; built with the store's number of classes, never with downloaded weights.",
+        ),
         method: str = typer.Option(..., "--method", help=f"Distillation method: {', '.join(list_methods(registration_order=True))}."),
         temperature: float = typer.Option(None, "--temperature", "-T", help="One of the store's temperatures (default: the method's, 4)."),
         k: int = typer.Option(None, "--k", help="Use the first k stored top-k logits (default: all stored)."),
         epochs: int = typer.Option(DEFAULTS["epochs"], "--epochs", help="Training epochs."),
         seed: int = typer.Option(DEFAULTS["seed"], "--seed", help="Seed for initialisation, shuffling and view selection."),
         batch_size: int = typer.Option(DEFAULTS["batch_size"], "--batch-size", help="Batch size."),
-        lr: float = typer.Option(DEFAULTS["lr"], "--lr", help="Adam learning rate (cosine decay to 0)."),
+        optimizer: str = typer.Option(_RECIPE.optimizer, "--optimizer", help="sgd, adamw or adam."),
+        lr: float = typer.Option(DEFAULTS["lr"], "--lr", help="Peak learning rate."),
+        momentum: float = typer.Option(_RECIPE.momentum, "--momentum", help="SGD momentum."),
+        weight_decay: float = typer.Option(
+            _RECIPE.weight_decay, "--weight-decay", help="Weight decay (sgd: L2, adamw: decoupled), never on norms and biases."
+        ),
+        schedule: str = typer.Option(
+            _RECIPE.schedule, "--schedule", help="Per-step learning-rate schedule after the warm-up: cosine (to 0), step or constant."
+        ),
+        warmup_epochs: float = typer.Option(_RECIPE.warmup_epochs, "--warmup-epochs", help="Linear warm-up from 0.01 x --lr, in epochs."),
+        decay_epochs: float = typer.Option(_RECIPE.decay_epochs, "--decay-epochs", help="--schedule step: epochs between decays."),
+        decay_rate: float = typer.Option(_RECIPE.decay_rate, "--decay-rate", help="--schedule step: factor per decay."),
+        amp: bool = typer.Option(
+            False, "--amp", help="Mixed precision on CUDA: bf16 autocast where supported, else fp16 with a grad scaler. "
+            "No effect on the CPU."
+        ),
+        channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last memory format for image students."),
+        grad_clip: float = typer.Option(None, "--grad-clip", help="Clip the global gradient norm to this value."),
+        no_aug: bool = typer.Option(
+            False, "--no-aug",
+            help="Image datasets (imagefolder) train on a random-resized crop + horizontal flip of each image by "
+            "default; --no-aug trains on the eval preprocessing instead.",
+        ),
+        student_feature_layer: str = typer.Option(
+            "penultimate", "--student-feature-layer",
+            help="hint: the student module whose output regresses the stored teacher feature (maps are "
+            "average-pooled); 'penultimate' is the classifier's input.",
+        ),
+        max_preload_bytes: int = typer.Option(
+            None, "--max-preload-bytes",
+            help="Preload the store arrays a run reads when they fit this budget (default: a quarter of RAM); "
+            "larger stores stream chunk by chunk in a chunk-aware shuffled order.",
+        ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from OUT/checkpoint.pt (written every epoch); the arguments must match."
+        ),
         hparam: list[str] = typer.Option(
             None, "--hparam", help="Method hyperparameter KEY=VALUE (repeatable), e.g. ce_weight=0 or mode=two-stage."
         ),
@@ -50,16 +92,24 @@ def register(app: typer.Typer) -> None:
             help="STUDENT-ONLY augmentation, NOT seen by the teacher, fresh per epoch and applied after any replayed "
             "view: shift1d[:max=6], noise[:std=0.05] or flip[:p=0.5].",
         ),
-        eval_split: str = typer.Option("test", "--eval-split", help="Held-out split evaluated every epoch."),
-        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes (0: read in the main process)."),
+        eval_split: str = typer.Option(
+            "auto", "--eval-split", help="Held-out split evaluated every epoch (auto: test, else val; '' for none)."
+        ),
+        workers: int = typer.Option(
+            0, "--workers", help="DataLoader worker processes that decode inputs and read the store (0: main process)."
+        ),
         allow_mismatch: bool = typer.Option(
             False, "--allow-mismatch", help="Train even when the dataset differs from the one a store records (spec, split, "
             "preprocessing, labels or inputs): prints a warning naming each difference and records them in metrics.json "
             "(allowed_mismatch). A different sample or class count is always refused."
         ),
+        threads: int = typer.Option(
+            0, "--threads", min=0, help="torch intra-op threads for this run (0: torch's default); 1 is often fastest "
+            "on a busy machine.",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         storage_option: list[str] = storage_option_flag(),
-        out: Path = typer.Option(..., "--out", help="Output directory for student.pt and metrics.json."),
+        out: Path = typer.Option(..., "--out", help="Output directory for student.pt, metrics.json and checkpoint.pt."),
     ) -> None:
         """Train a student from teacher targets stored by `softlabels dump` (the teacher is not needed)."""
         from rich.console import Console
@@ -68,6 +118,10 @@ def register(app: typer.Typer) -> None:
         from softlabels.train import train_student
 
         err = Console(stderr=True)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # this command owns the process
         metrics = train_student(
             store or None,
             dataset,
@@ -78,7 +132,15 @@ def register(app: typer.Typer) -> None:
             epochs=epochs,
             seed=seed,
             batch_size=batch_size,
-            lr=lr,
+            recipe=Recipe(
+                optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                warmup_epochs=warmup_epochs, decay_epochs=decay_epochs, decay_rate=decay_rate, amp=amp,
+                channels_last=channels_last, grad_clip=grad_clip,
+            ),
+            augment=not no_aug,
+            student_feature_layer=student_feature_layer,
+            max_preload_bytes=max_preload_bytes,
+            resume=resume,
             out_dir=out,
             eval_split=eval_split or None,
             hparams=parse_hparams(hparam),

@@ -35,10 +35,15 @@ def _labels_of(dataset: Any, info: Any | None) -> np.ndarray | None:
     if info is not None:
         return None if info.labels is None else np.asarray(info.labels, dtype=np.int64)
     targets = getattr(dataset, "targets", None)
+    if isinstance(targets, (list, tuple, np.ndarray)):  # torchvision ImageFolder, CIFAR, ...
+        targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
     if isinstance(targets, torch.Tensor):
         labels = targets.numpy().astype(np.int64)
         return None if bool((labels < 0).all()) else labels
-    return None
+    return _UNKNOWN if targets is None else None
+
+
+_UNKNOWN = np.empty(0, dtype=np.int64)  # a dataset without .targets and without an info: labels not compared
 
 
 def json_value(value: Any) -> Any:
@@ -112,7 +117,9 @@ def dataset_differences(store: SoftLabelStore, dataset: Any, info: Any | None = 
     stored_fp = recorded.get("labels_sha256")
     if stored_fp is not None and same_rows:
         labels = _labels_of(dataset, info)
-        if labels is None:
+        if labels is _UNKNOWN:
+            pass
+        elif labels is None:
             out.append(StoreDifference("labels_sha256", stored_fp, None, note="this dataset is unlabeled"))
         elif (here_fp := fmt.labels_fingerprint(labels)) != stored_fp:
             out.append(StoreDifference("labels_sha256", stored_fp, here_fp, note="labels differ in value or order"))
