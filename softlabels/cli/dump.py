@@ -8,7 +8,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from softlabels.cli.options import parse_storage_options, storage_option_flag
 from softlabels.errors import SoftlabelsError
-from softlabels.pipelines.predictor import PENULTIMATE, DumpConfig
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
@@ -59,6 +58,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run TEACHER over DATASET once and write top-k logits, normalisers, labels and features to OUT."""
         from softlabels.pipelines.dump import run_dump
+        from softlabels.pipelines.predictor import PENULTIMATE, DumpConfig
 
         if k < 1:
             raise SoftlabelsError(f"--k must be at least 1, got {k}")

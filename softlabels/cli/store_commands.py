@@ -11,12 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from softlabels.cli.options import parse_storage_options, storage_option_flag
-from softlabels.stores.reader import open_store
-from softlabels.stores.verify import verify_store
 
 
 def store_info(location: str, storage_options: dict | None = None) -> dict[str, Any]:
     """The JSON object ``info --json`` prints."""
+    from softlabels.stores.reader import open_store
+
     store = open_store(location, allow_incomplete=True, storage_options=storage_options)
     s = store.schema
     size = store.bytes_on_disk()
@@ -126,6 +126,8 @@ def register(app: typer.Typer) -> None:
         storage_option: list[str] = storage_option_flag(),
     ) -> None:
         """Re-read every chunk: checksums, completeness, digests, metadata. Exits 1 on any problem."""
+        from softlabels.stores.verify import verify_store
+
         report = verify_store(store, storage_options=parse_storage_options(storage_option))
         if report.ok:
             print(f"ok: {store}: {report.chunks_checked} chunks and {report.units_checked} units verified")
