@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., help="Output store: a directory or s3://bucket/path (workers write to it directly)."),
         weights: str = typer.Option(None, help="Teacher state_dict file, loaded with torch.load(weights_only=True)."),
         split: str = typer.Option("train", help="Dataset split to dump (train, test, transfer, ...)."),
-        k: int = typer.Option(10, help="Top-k logits to keep per sample."),
+        k: int = typer.Option(None, help="Top-k logits to keep per sample. [default: min(10, classes)]"),
         temperatures: str = typer.Option("1,2,4,8", help="Temperatures whose log-normalisers are stored (exact targets at each)."),
         feature_layer: list[str] = typer.Option(
             None, "--feature-layer", help="Module whose output to store (repeatable). Default: the classifier's input ('penultimate')."
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from softlabels.pipelines.dump import run_dump
         from softlabels.pipelines.predictor import PENULTIMATE, DumpConfig
 
-        if k < 1:
+        if k is not None and k < 1:
             raise SoftlabelsError(f"--k must be at least 1, got {k}")
         if workers is not None and workers < 1:
             raise SoftlabelsError(f"--workers must be at least 1, got {workers}")

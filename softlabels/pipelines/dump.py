@@ -84,9 +84,9 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
             f"dataset {info.spec} has labels up to {int(info.labels.max())} but the teacher outputs "
             f"{num_classes} classes; use a teacher trained on this label set"
         )
-    if not 1 <= config.k <= num_classes:
+    if not 1 <= predictor.k <= num_classes:
         raise InvalidTargetsError(
-            f"k={config.k} is outside 1..{num_classes} (the teacher has {num_classes} classes); "
+            f"k={predictor.k} is outside 1..{num_classes} (the teacher has {num_classes} classes); "
             f"pass --k between 1 and {num_classes}"
         )
     check_views(config.views, config.augment)
@@ -103,7 +103,7 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
     schema = fmt.StoreSchema(
         num_samples=info.num_samples,
         num_classes=num_classes,
-        k=config.k,
+        k=predictor.k,
         temperatures=tuple(config.temperatures),
         views=config.views,
         labeled=info.labels is not None,
