@@ -167,6 +167,13 @@ class ImageFiles(torch.utils.data.Dataset):
 
         return F.pil_to_tensor(pil_loader(self.paths[index]))
 
+    def eval_image(self, image: torch.Tensor) -> torch.Tensor:
+        """The evaluation input (this dataset's ``transform``) of a decoded uint8 ``[3, H, W]``
+        image: exactly ``self[i][0]`` for ``image = raw_image(i)``."""
+        from torchvision.transforms.v2 import functional as F
+
+        return self.transform(F.to_pil_image(image))
+
     def image_size(self, index: int) -> tuple[int, int]:
         """(height, width) from the file header, without decoding the pixels."""
         from PIL import Image
