@@ -11,6 +11,7 @@ import sys
 import typer
 
 from softlabels import __version__
+from softlabels.cli.options import show_flags_as_flags
 from softlabels.errors import SoftlabelsError
 
 app = typer.Typer(
@@ -46,7 +47,7 @@ def _register() -> None:
         teacher_app = None
     if teacher_app is not None:
         app.add_typer(teacher_app, name="teacher")
-    for module in ("dump", "train", "copy"):
+    for module in ("dump", "train", "copy", "listing"):
         try:
             mod = __import__(f"softlabels.cli.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:
@@ -57,6 +58,7 @@ def _register() -> None:
 
 
 _register()
+show_flags_as_flags()
 
 
 def fail(message: str, code: int = 2) -> None:

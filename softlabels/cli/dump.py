@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from softlabels.cli.options import parse_storage_options, storage_option_flag
+from softlabels.cli.options import DATA, OUTPUT, TARGETS, TEACHER, WORKERS, flag, parse_storage_options, storage_option_flag
 from softlabels.errors import SoftlabelsError
 
 
@@ -20,41 +20,70 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
     return temps
 
 
+EXAMPLES = "\n\n".join([
+    "[bold]Examples[/]",
+    "softlabels dump --teacher builtin:cnn --weights teacher.pt --dataset mnist1d --out train.zarr --workers 2",
+    "softlabels dump --teacher builtin:cnn --weights teacher.pt --dataset mnist1d --split transfer --out transfer.zarr",
+    "softlabels dump --teacher torchvision:resnet18 --weights r18.pt --dataset 'imagefolder:/data/photos?size=256&crop=224' "
+    "--split val --views 4 --augment crop-flip --no-features --out val.zarr",
+])
+
+
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(epilog=EXAMPLES)
     def dump(
-        teacher: str = typer.Option(..., help="Teacher spec: builtin:ARCH, torchvision:ARCH, timm:ARCH or package.module:factory."),
-        dataset: str = typer.Option(..., help="Dataset spec: mnist1d, digits, synthetic, cifar100:/root, imagefolder:/path, ..."),
-        out: str = typer.Option(..., help="Output store: a directory or s3://bucket/path (workers write to it directly)."),
-        weights: str = typer.Option(None, help="Teacher state_dict file, loaded with torch.load(weights_only=True)."),
-        split: str = typer.Option("train", help="Dataset split to dump (train, test, transfer, ...)."),
-        k: int = typer.Option(None, help="Top-k logits to keep per sample. [default: min(10, classes)]"),
-        temperatures: str = typer.Option("1,2,4,8", help="Temperatures whose log-normalisers are stored (exact targets at each)."),
-        feature_layer: list[str] = typer.Option(
-            None, "--feature-layer", help="Module whose output to store (repeatable). Default: the classifier's input ('penultimate')."
+        teacher: str = typer.Option(
+            ..., help="Teacher spec: builtin:cnn, torchvision:resnet18, timm:ARCH or package.module:factory "
+            "(softlabels list teachers).", rich_help_panel=TEACHER,
         ),
-        no_features: bool = typer.Option(False, "--no-features", help="Store no feature arrays."),
+        weights: str = typer.Option(
+            None, help="Teacher state_dict file (e.g. from `softlabels teacher fit`), loaded with "
+            "torch.load(weights_only=True).", rich_help_panel=TEACHER,
+        ),
+        feature_layer: list[str] = typer.Option(
+            None, "--feature-layer", help="Module whose output to store (repeatable), e.g. layer4. Default: the "
+            "classifier's input ('penultimate').", rich_help_panel=TEACHER,
+        ),
+        no_features: bool = flag("--no-features", help="Store no feature arrays.", panel=TEACHER),
+        dataset: str = typer.Option(
+            ..., help="Dataset spec: mnist1d, digits, synthetic:tau=0.5, cifar10:/data/cifar, "
+            "imagefolder:/data/photos?size=256&crop=224 (softlabels list datasets).", rich_help_panel=DATA,
+        ),
+        split: str = typer.Option("train", help="Dataset split to dump: train, val, test, transfer, ...", rich_help_panel=DATA),
         views: int = typer.Option(
             1, "--views", help="Augmented views per sample (V); each view's parameters, targets and features are stored, so the store grows "
-            "V-fold (features dominate: add --no-features unless a feature method needs them). Needs --augment when > 1."
+            "V-fold (features dominate: add --no-features unless a feature method needs them). Needs --augment when > 1.",
+            rich_help_panel=DATA,
         ),
         augment: str = typer.Option(
             "none", "--augment",
-            help="Augmentation policy whose explicit parameters are stored per (sample, view): none, shift1d[:max=6] (1-D signals), "
-            "crop-flip[:min_scale=0.08,...] (imagefolder). See docs/FORMAT.md 'Augmentation'.",
+            help="Augmentation policy whose explicit parameters are stored per (sample, view): none, shift1d:max=6 (1-D signals), "
+            "crop-flip:min_scale=0.08 (imagefolder; view 0 is the clean evaluation view). softlabels list augmentations.",
+            rich_help_panel=DATA,
         ),
-        augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the augmentation parameters (keyed by seed, sample, view)."),
-        value_dtype: str = typer.Option("float16", help="Storage dtype of logits: float16 or float32."),
-        batch_size: int = typer.Option(256, help="Teacher batch size."),
+        augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the augmentation parameters (keyed by seed, sample, view).",
+                                         rich_help_panel=DATA),
+        k: int = typer.Option(None, help="Top-k logits to keep per sample. [default: min(10, classes)]", rich_help_panel=TARGETS),
+        temperatures: str = typer.Option("1,2,4,8", help="Temperatures whose log-normalisers are stored (exact targets at each).",
+                                         rich_help_panel=TARGETS),
+        value_dtype: str = typer.Option(
+            "float16", help="Storage dtype of logits: float16 (log-probabilities below -65504 are stored as -65504, "
+            "probability 0 either way; see docs/FORMAT.md) or float32.", rich_help_panel=TARGETS,
+        ),
+        workers: int = typer.Option(None, help="CPU Ray workers (default: one per GPU, or 1 without GPUs).", rich_help_panel=WORKERS),
+        batch_size: int = typer.Option(256, help="Teacher batch size.", rich_help_panel=WORKERS),
         loader_workers: int = typer.Option(
-            1, min=0, help="Decoding processes per Ray worker for file datasets (images); they run ahead across units. 0 decodes in the worker itself."
+            1, min=0, help="Decoding processes per Ray worker for file datasets (images); they run ahead across units. "
+            "0 decodes in the worker itself.", rich_help_panel=WORKERS,
         ),
-        workers: int = typer.Option(None, help="CPU Ray workers (default: one per GPU, or 1 without GPUs)."),
-        address: str = typer.Option(None, help="Join an existing Ray cluster instead of starting one."),
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted dump into OUT."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at OUT."),
-        quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary (for scripts)."),
-        storage_option: list[str] = storage_option_flag(),
+        address: str = typer.Option(None, help="Join an existing Ray cluster (e.g. auto or ray://host:10001) instead of starting one.",
+                                    rich_help_panel=WORKERS),
+        out: str = typer.Option(..., help="Output store: a directory or s3://bucket/path (workers write to it directly).",
+                                rich_help_panel=OUTPUT),
+        resume: bool = flag("--resume", help="Continue an interrupted dump into OUT.", panel=OUTPUT),
+        overwrite: bool = flag("--overwrite", help="Replace an existing store at OUT.", panel=OUTPUT),
+        quiet: bool = flag("--quiet", help="No progress or summary (for scripts).", panel=OUTPUT),
+        storage_option: list[str] = storage_option_flag(panel=OUTPUT),
     ) -> None:
         """Run TEACHER over DATASET once and write top-k logits, normalisers, labels and features to OUT."""
         from softlabels.pipelines.dump import run_dump

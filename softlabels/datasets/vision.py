@@ -61,7 +61,7 @@ TORCHVISION = {
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_SPLIT_DIRS = ("train", "val", "test", "transfer")
+SPLIT_DIRS = ("train", "val", "test", "transfer")
 
 
 def _require_root(name: str, root: str) -> None:
@@ -209,7 +209,7 @@ IMAGEFOLDER_SCHEMA = {
 
 
 def _split_folder(root: str, split: str) -> str:
-    present = [d for d in _SPLIT_DIRS if os.path.isdir(os.path.join(root, d))]
+    present = [d for d in SPLIT_DIRS if os.path.isdir(os.path.join(root, d))]
     if split in present:
         return os.path.join(root, split)
     if present:
