@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from softlabels.cli.options import DATA, OUTPUT, TARGETS, TEACHER, WORKERS, flag, parse_storage_options, storage_option_flag
 from softlabels.errors import SoftlabelsError
+from softlabels.progress import Progress
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
@@ -105,35 +103,46 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size, loader_workers=loader_workers, views=views, augment=augment,
             augment_seed=augment_seed, storage_options=parse_storage_options(storage_option),
         )
-        console = Console(stderr=True)
-        progress = Progress(
-            TextColumn("[bold]dump"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-            TextColumn("{task.fields[rate]}"), TextColumn("units {task.fields[units]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
-        )
-        state = {"units": 0, "units_total": 0}
-        task = progress.add_task("dump", total=None, rate="", units="")
+        progress = Progress("dump", unit="rows", enabled=not quiet)
+        state = {"units": 0, "units_total": 0, "rows": 0}
 
         def on_start(rows_total: int, rows_pending: int, units_pending: int) -> None:
             state["units_total"] = units_pending
-            progress.update(task, total=rows_pending, units=f"0/{units_pending}")
             if not quiet and rows_pending < rows_total:
-                console.print(f"resuming: {rows_total - rows_pending:,} of {rows_total:,} rows already written")
+                typer.echo(f"resuming: {rows_total - rows_pending:,} of {rows_total:,} rows already written", err=True)
+            progress.set_total(rows_pending)
+            progress.fields["units"] = f"0/{units_pending}"
 
         def on_unit(unit: int, rows: int) -> None:
             state["units"] += 1
-            progress.advance(task, rows)
-            t = progress.tasks[0]
-            rate = f"{t.speed:,.0f} rows/s" if t.speed else ""
-            progress.update(task, rate=rate, units=f"{state['units']}/{state['units_total']}")
+            state["rows"] += rows
+            progress.update(state["rows"], units=f"{state['units']}/{state['units_total']}")
 
         with progress:
             result = run_dump(config, workers=workers, address=address, resume=resume, overwrite=overwrite,
-                              on_start=on_start, on_unit=on_unit)
+                              on_start=on_start, on_unit=on_unit, on_rows=progress.update,
+                              on_actors=lambda actors: progress.start())  # the clock starts with the workers
         if not quiet:
-            console.print(
-                f"[green]wrote[/] {result.location}: {result.rows:,} rows in {result.units_total} units "
-                f"({result.units_written} this run), {result.bytes_per_sample:.1f} B/sample, "
-                f"{result.wall_seconds:.1f} s wall ({result.startup_seconds:.1f} s starting {result.workers} "
-                f"worker(s)), teacher throughput {result.rows_per_second:,.0f} rows/s"
-            )
+            for line in summary_lines(result, split):
+                typer.echo(line, err=True)
+
+
+def summary_lines(result, split: str) -> list[str]:
+    """What the dump made: rows, time, rate, bytes per sample, and the store's fidelity figures."""
+    lines = [
+        f"wrote {result.location}: {result.rows:,} rows in {result.units_total} units ({result.units_written} this run) "
+        f"in {result.wall_seconds:.1f} s ({result.startup_seconds:.1f} s starting {result.workers} worker(s)), "
+        f"{result.rows_per_second:,.0f} rows/s, {result.bytes_per_sample:.1f} B/sample"
+    ]
+    summary = result.summary or {}
+    if summary.get("teacher_top1_accuracy") is not None:
+        lines.append(f"teacher top-1 accuracy on {split}: {summary['teacher_top1_accuracy']:.4f}; label in the "
+                     f"stored top-k: {summary['label_in_topk']:.4f}")
+    mass = summary.get("topk_mass") or {}
+    if mass:
+        lines.append("top-k mass (mean / min): " + ", ".join(
+            f"T={t} {m['mean']:.4f} / {m['min']:.4f}" for t, m in mass.items()))
+    clamped = sum((summary.get("float16_clamped") or {}).values())
+    if clamped:
+        lines.append(f"{clamped:,} log-probabilities below -65504 stored as -65504 (probability 0 at every stored T)")
+    return lines

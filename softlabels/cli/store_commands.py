@@ -63,6 +63,11 @@ def fidelity_rows(summary: dict[str, Any] | None, labeled: bool, k: int) -> list
     for suffix, figures in scopes:
         for t, mass in (figures.get("topk_mass") or {}).items():
             rows.append((f"top-k mass T={t}{suffix}", f"mean {mass['mean']:.4f}, min {mass['min']:.4f}"))
+    for name, stats in (summary.get("features") or {}).items():
+        rows.append((f"features/{name}", f"mean {stats['mean']:,.4g}, RMS {stats['rms']:,.4g}"))
+    clamped = summary.get("float16_clamped")
+    if clamped is not None:
+        rows.append(("float16 clamped", ", ".join(f"{n} {c:,}" for n, c in clamped.items()) + " (at -65504: probability 0)"))
     for suffix, figures in scopes:
         for key, label in (("teacher_top1_accuracy", "teacher top-1 accuracy"), ("label_in_topk", f"label in top-{k}")):
             value = figures.get(key)

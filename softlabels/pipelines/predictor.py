@@ -205,6 +205,7 @@ class TeacherPredictor:
         self._layers = list(layers)
         self.labeled = self.info.labels is not None
         self.k = config.k if config.k is not None else min(DEFAULT_K, int(self.teacher.num_classes))
+        self.rows_done = 0  # rows through the teacher so far (progress between units)
         self._writer: StoreWriter | None = None
         self._stream: BatchStream | None = None
         from softlabels.augment import get_policy
@@ -297,6 +298,7 @@ class TeacherPredictor:
                 parts.setdefault(name, []).append(np.stack(views, axis=1))
             for name, arr in params.items():
                 parts.setdefault(name, []).append(arr)
+            self.rows_done += len(index)
         out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         if labels_all is not None:
             out[fmt.LABELS] = labels_all.numpy()
@@ -321,6 +323,7 @@ class TeacherPredictor:
             for name, f in feats.items():
                 parts.setdefault(fmt.FEATURES_PREFIX + name, []).append(f.unsqueeze(1).cpu().numpy())
             offset += n
+            self.rows_done += n
         out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         if labels_all is not None:
             out[fmt.LABELS] = labels_all.numpy()

@@ -288,6 +288,7 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
         for scope in scopes
     }
     clamped = {name: 0 for name in fmt.CLAMPED_LOG_PROBS if schema.labeled or name != fmt.LABEL_LOGIT}
+    feature_sums = {name: np.zeros(3) for name, _ in schema.features}  # sum, sum of squares, count
     for unit in range(schema.num_units):
         start, stop = schema.unit_range(unit)
         values = writer._array(fmt.TOPK_VALUES)[start:stop].astype(np.float64)  # [n, V, k]
@@ -298,6 +299,11 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
             clamped[fmt.TOPK_VALUES] += int((values == fmt.FLOAT16_MIN).sum())
             if schema.labeled:
                 clamped[fmt.LABEL_LOGIT] += int((writer._array(fmt.LABEL_LOGIT)[start:stop] == fmt.FLOAT16_MIN).sum())
+        for name, sums in feature_sums.items():
+            array = writer._array(fmt.FEATURES_PREFIX + name)
+            for s in range(start, stop, schema.rows_per_chunk):  # chunk by chunk: features are wide
+                block = array[s : min(s + schema.rows_per_chunk, stop)].astype(np.float64)
+                sums += (block.sum(), np.square(block).sum(), block.size)
         for scope, views in scopes.items():
             a = acc[scope]
             for j, t in enumerate(temps):
@@ -326,6 +332,11 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
     summary: dict[str, Any] = {"rows": int(schema.num_samples), "views": int(schema.views), **figures(acc["all"])}
     if "view0" in acc:
         summary["view0"] = figures(acc["view0"])
+    if feature_sums:  # scale of the stored features: a hint loss on raw features scales with RMS²
+        summary["features"] = {
+            name: {"mean": float(total / max(n, 1)), "rms": float(np.sqrt(squares / max(n, 1)))}
+            for name, (total, squares, n) in feature_sums.items()
+        }
     if schema.value_dtype == "float16":
         summary["float16_clamped"] = clamped  # values at the float16 bound -65504 (FORMAT.md §2)
     return summary
