@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from softlabels.datasets.info import DatasetInfo
+from softlabels.datasets.manifest import folder_manifest
 from softlabels.datasets.spec import Param, check_split, format_params, parse_params, positive, split_path_query
 from softlabels.errors import SpecError
 
@@ -120,7 +121,8 @@ def load_torchvision(name: str, rest: str, split: str) -> tuple[torch.utils.data
             "to_tensor": "uint8 -> [0, 1]",
             "normalize": {"mean": list(params["mean"]), "std": list(params["std"])},
         },
-        content_sha256=None,
+        content_sha256=manifest["content_sha256"],
+        manifest=manifest,
     )
     return dataset, info
 
@@ -260,6 +262,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
                 "class count from; add ?num_classes=N to the spec"
             )
         dataset, labels = ImageFiles(paths, transform, **raw_kwargs), None
+        manifest = folder_manifest(folder, paths, None, None)
     else:
         try:
             folder_data = datasets.ImageFolder(folder)
@@ -272,6 +275,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
             raise SpecError(
                 f"imagefolder: num_classes={params['num_classes']} but {folder} has {num_classes} class folders"
             )
+        manifest = folder_manifest(folder, dataset.paths, labels.tolist(), folder_data.classes)
     info = DatasetInfo(
         spec=f"{name}:{root}?{format_params(params, sep='&')}",
         split=split,
@@ -281,7 +285,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
         labels=labels,
         preprocessing={
             "name": name,
-            "folder": folder,
+            "folder": os.path.relpath(folder, root),  # the split folder under the root: "train", or "." (no splits)
             "convert": "RGB",
             "resize": params["size"],
             "interpolation": "bilinear",
@@ -290,6 +294,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
             "to_tensor": "uint8 -> [0, 1]",
             "normalize": {"mean": list(params["mean"]), "std": list(params["std"])},
         },
-        content_sha256=None,
+        content_sha256=manifest["content_sha256"],
+        manifest=manifest,
     )
     return dataset, info
