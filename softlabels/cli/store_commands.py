@@ -110,6 +110,11 @@ def register(app: typer.Typer) -> None:
         table.add_row("teacher", f"{teacher.get('spec', '?')}  sha256 {str(teacher.get('checkpoint_sha256'))[:16]}")
         ds = data["dataset"]
         table.add_row("dataset", f"{ds.get('spec', '?')} split={ds.get('split', '?')}")
+        manifest = ds.get("manifest")
+        if manifest:
+            classes = f", {len(manifest['classes'])} classes" if manifest.get("classes") else ""
+            table.add_row("dataset files", f"{manifest['files']:,} files{classes}, content sha256 "
+                          f"{str(manifest['content_sha256'])[:16]} (identity by content, any path)")
         if ds.get("labels_sha256"):
             table.add_row("labels sha256", str(ds["labels_sha256"])[:16])
         aug = data["augmentation"]
