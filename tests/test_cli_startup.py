@@ -36,8 +36,7 @@ def test_importing_the_app_imports_neither_torch_nor_ray():
 
 
 @pytest.mark.parametrize("args", [
-    ["--help"], ["--version"], ["dump", "--help"], ["train", "--help"], ["teacher", "fit", "--help"],
-    ["list", "methods"],
+    ["--help"], ["--version"], ["dump", "--help"], ["train", "--help"], ["teacher", "fit", "--help"], ["list", "--help"],
 ])
 def test_help_and_version_import_neither_torch_nor_ray(args):
     heavy, code, out = imported_heavy(*args)
