@@ -47,3 +47,13 @@ def test_dump_progress_moves_within_a_unit_and_ends_with_a_summary(cli, ray_sess
     assert re.search(r"^wrote .*s\.zarr: 240 rows in 1 units \(1 this run\) in [\d.]+ s .* rows/s, [\d.]+ B/sample$", err, re.M)
     assert re.search(r"^teacher top-1 accuracy on train: 0\.\d{4}; label in the stored top-k: 1\.0000$", err, re.M)
     assert re.search(r"^top-k mass \(mean / min\): T=1 1\.0000 / 1\.0000, T=2 1\.0000", err, re.M)  # k = C = 10: exactly 1
+
+
+def test_train_prints_plain_epoch_lines_outside_a_terminal(cli, tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.setenv("SOFTLABELS_PROGRESS_SECONDS", "0")
+    code, out, err = cli("train", "--dataset", "digits", "--method", "ce", "--epochs", "3", "--out", tmp_path / "run")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("train: ")]
+    assert lines[0].startswith("train: 1/3 epochs (33.3 %), ") and "epochs/s, ETA " in lines[0]
+    assert re.search(r", loss \d\.\d{4}, test acc \d+\.\d\d%$", lines[0]), lines[0]
+    assert lines[-1].startswith("train: 3/3 epochs (100.0 %)")
