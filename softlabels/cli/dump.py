@@ -86,13 +86,14 @@ def register(app: typer.Typer) -> None:
         """Run TEACHER over DATASET once and write top-k logits, normalisers, labels and features to OUT."""
         from softlabels.pipelines.dump import run_dump
         from softlabels.pipelines.predictor import PENULTIMATE, DumpConfig
+        from softlabels.stores.format import VALUE_DTYPES
 
         if k is not None and k < 1:
             raise SoftlabelsError(f"--k must be at least 1, got {k}")
         if workers is not None and workers < 1:
             raise SoftlabelsError(f"--workers must be at least 1, got {workers}")
-        if value_dtype not in ("float16", "float32"):
-            raise SoftlabelsError(f"--value-dtype must be float16 or float32, got {value_dtype!r}")
+        if value_dtype not in VALUE_DTYPES:
+            raise SoftlabelsError(f"--value-dtype must be {' or '.join(VALUE_DTYPES)}, got {value_dtype!r}")
         from softlabels.pipelines.dump import check_views
 
         check_views(views, augment)

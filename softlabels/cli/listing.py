@@ -60,7 +60,7 @@ def _model_rows(prefix: str) -> list[Row]:
 
     rows = []
     for name in models.list_models():
-        factory = models._REGISTRY[name]
+        factory = models._REGISTRY.get(name)
         extra = [p for p in inspect.signature(factory).parameters.values()
                  if p.name not in ("input_shape", "num_classes") and p.default is not p.empty]
         params = ", ".join(f"{p.name}={_value(p.default)}" for p in extra) or "-"
