@@ -69,3 +69,32 @@ def test_allow_preprocessing_allows_only_preprocessing(cli, dumped):
                    "changed files", "--allow files")
     one_line_error(*_train(cli, tmp / "a", tmp / "s.zarr", tmp / "run", "--allow", "everything"),
                    "--allow everything: unknown kind", "spec, preprocessing, labels, files, classes, teacher")
+
+
+def test_train_reports_val_accuracy_and_needs_holdout_without_splits(cli, dumped):
+    import json
+
+    tmp = dumped
+    photo_folder(tmp / "a" / "val", per_class=3, seed=1)
+    code, out, err = cli("train", "--store", tmp / "s.zarr", "--dataset", _spec(tmp / "a"), "--student", "builtin:linear",
+                         "--method", "kd", "--epochs", "1", "--out", tmp / "run", "--quiet")
+    assert code == 0, err
+    assert out.startswith("kd: val accuracy ")
+    # --views next on a store with one view per sample picks nothing: refused
+    one_line_error(*_train(cli, tmp / "a", tmp / "s.zarr", tmp / "run", "--views", "next"),
+                   "--views next picks one of several stored views", "hold one view per sample")
+    # a folder without split folders: its one pool is the training data
+    flat = tmp / "flat"
+    photo_folder(flat, per_class=8, seed=2)
+    code, _, err = cli("dump", "--teacher", "builtin:linear", "--weights", tmp / "t.pt", "--dataset", _spec(flat),
+                       "--out", tmp / "flat.zarr", "--workers", "1", "--quiet")
+    assert code == 0, err
+    args = ("train", "--store", tmp / "flat.zarr", "--dataset", _spec(flat), "--student", "builtin:linear",
+            "--method", "kd", "--epochs", "1", "--quiet")
+    one_line_error(*cli(*args, "--out", tmp / "r1"), "has no held-out split", "--holdout 0.1")
+    code, out, err = cli(*args, "--holdout", "0.25", "--out", tmp / "r2")
+    assert code == 0, err
+    assert out.startswith("kd: holdout accuracy ")
+    metrics = json.loads((tmp / "r2" / "metrics.json").read_text())
+    assert metrics["eval_split"] == "holdout"
+    assert metrics["holdout"] == {"fraction": 0.25, "seed": 0, "held_out": 4, "train": 12}

@@ -7,10 +7,8 @@ from typing import Any
 
 import typer
 
-from softlabels.cli.options import parse_key_values, parse_storage_options, storage_option_flag
-from softlabels.losses import list_methods
-from softlabels.train import DEFAULTS
-
+from softlabels.cli.options import flag, parse_key_values, parse_storage_options, storage_option_flag
+from softlabels.defaults import DEFAULTS
 
 
 def parse_hparams(items: list[str] | None) -> dict[str, Any]:
@@ -28,9 +26,13 @@ def register(app: typer.Typer) -> None:
             "dumped from, e.g. --store train.zarr --store transfer.zarr (labelled + unlabeled transfer set). "
             "Optional for ce/ls.",
         ),
-        dataset: str = typer.Option(..., "--dataset", help="Dataset spec the stores were dumped from, e.g. mnist1d."),
+        dataset: str = typer.Option(
+            ..., "--dataset", help="Dataset spec the stores were dumped from: mnist1d, digits, synthetic:tau=0.5, "
+            "imagefolder:/data/photos?size=256&crop=224 (softlabels list datasets). The same files at another path "
+            "are the same data."
+        ),
         student: str = typer.Option("builtin:mlp", "--student", help="Student spec: builtin:<arch> (mlp, cnn, ...)."),
-        method: str = typer.Option(..., "--method", help=f"Distillation method: {', '.join(list_methods(registration_order=True))}."),
+        method: str = typer.Option(..., "--method", help="Distillation method, e.g. kd, kd-topk or hint (all, with their hyperparameters: softlabels list methods)."),
         temperature: float = typer.Option(None, "--temperature", "-T", help="One of the store's temperatures (default: the method's, 4)."),
         k: int = typer.Option(None, "--k", help="Use the first k stored top-k logits (default: all stored)."),
         epochs: int = typer.Option(DEFAULTS["epochs"], "--epochs", help="Training epochs."),
@@ -50,14 +52,22 @@ def register(app: typer.Typer) -> None:
             help="STUDENT-ONLY augmentation, NOT seen by the teacher, fresh per epoch and applied after any replayed "
             "view: shift1d[:max=6], noise[:std=0.05] or flip[:p=0.5].",
         ),
-        eval_split: str = typer.Option("test", "--eval-split", help="Held-out split evaluated every epoch."),
-        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes (0: read in the main process)."),
-        allow_mismatch: bool = typer.Option(
-            False, "--allow-mismatch", help="Train even when the dataset differs from the one a store records (spec, split, "
-            "preprocessing, labels or inputs): prints a warning naming each difference and records them in metrics.json "
-            "(allowed_mismatch). A different sample or class count is always refused."
+        eval_split: str = typer.Option(
+            "auto", "--eval-split", help="Held-out split evaluated every epoch: auto (test, else val), a split name, "
+            "or '' for none. A dataset with neither needs --holdout."
         ),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        holdout: float = typer.Option(
+            None, "--holdout", help="Hold out this fraction of the train rows (seeded by --seed), left out of training, "
+            "and evaluate on it, e.g. 0.1: for image folders without a test or val folder."
+        ),
+        workers: int = typer.Option(0, "--workers", help="DataLoader worker processes (0: read in the main process)."),
+        allow: list[str] = typer.Option(
+            None, "--allow", help="Train even though the dataset differs from the one a store records in this way "
+            "(repeatable): spec, preprocessing, labels, files, classes or teacher. Prints a warning naming each "
+            "difference and records them in metrics.json (allowed_mismatch). A different sample or class count is "
+            "always refused."
+        ),
+        quiet: bool = flag("--quiet", "-q", help="No progress bar."),
         storage_option: list[str] = storage_option_flag(),
         out: Path = typer.Option(..., "--out", help="Output directory for student.pt and metrics.json."),
     ) -> None:
@@ -65,6 +75,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.markup import escape
 
+        from softlabels.datasets.identity import parse_allow
         from softlabels.train import train_student
 
         err = Console(stderr=True)
@@ -81,9 +92,10 @@ def register(app: typer.Typer) -> None:
             lr=lr,
             out_dir=out,
             eval_split=eval_split or None,
+            holdout=holdout,
             hparams=parse_hparams(hparam),
             progress=not quiet,
-            allow_mismatch=allow_mismatch,
+            allow_mismatch=parse_allow(allow),
             views=views,
             student_augment=student_augment,
             num_workers=workers,
