@@ -160,7 +160,10 @@ def test_other_split_is_named(tmp_path):
 
 def test_cli_trains_each_store_on_the_split_it_records(cli, tmp_path):
     store, _ = _dump(tmp_path / "test.zarr", "digits", "test")
-    code, _, err = _train(cli, store, "digits", tmp_path / "run")
+    # its only held-out split is the one it trains on: evaluating there would report training accuracy
+    one_line_error(*_train(cli, store, "digits", tmp_path / "run"), "training on the test split of digits leaves no "
+                   "held-out split", "--holdout 0.1")
+    code, _, err = _train(cli, store, "digits", tmp_path / "run", "--eval-split", "")
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train_splits"] == ["test"] and metrics["train_samples"] == 360

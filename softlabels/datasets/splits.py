@@ -62,6 +62,11 @@ def choose_eval_split(spec: str, train_split: str, eval_split: str | None, holdo
     for name in HELD_OUT:
         if name in splits and name != train_split:
             return name
+    if train_split in HELD_OUT and train_split in splits:
+        raise SpecError(
+            f"training on the {train_split} split of {spec} leaves no held-out split to evaluate on; pass "
+            "--eval-split '' to evaluate nothing, --eval-split NAME, or --holdout 0.1"
+        )
     raise _no_held_out(spec)
 
 
