@@ -38,11 +38,11 @@ def _root(
 
 
 def _register() -> None:
-    from softlabels.cli import copy, dump, listing, store_commands, teacher, train
+    from softlabels.cli import copy, dump, listing, report, store_commands, teacher, train
 
     store_commands.register(app)
     app.add_typer(teacher.teacher_app, name="teacher")
-    for module in (dump, train, copy, listing):
+    for module in (dump, train, copy, report, listing):
         module.register(app)
 
 

@@ -75,8 +75,9 @@ def fit(
         "datasets without a test or val split (e.g. 0.1).", rich_help_panel=DATA,
     ),
     arch: str = typer.Option(
-        "cnn", "--arch", "-a", help="Built-in architecture (cnn, mlp, resmlp, linear) or a teacher spec "
-        "(torchvision:resnet18, package.module:factory); softlabels list teachers.", rich_help_panel=TEACHER,
+        "cnn", "--arch", "-a", help="Built-in architecture (cnn, mlp, resmlp, linear, tangmlp-<W>, resnet20, "
+        "resnet56) or a teacher spec (torchvision:resnet18, package.module:factory); softlabels list teachers.",
+        rich_help_panel=TEACHER,
     ),
     epochs: int = typer.Option(DEFAULT_EPOCHS, "--epochs", min=1, help="Training epochs.", rich_help_panel=TRAINING),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling and --holdout (CPU runs are reproducible).",
