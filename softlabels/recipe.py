@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from softlabels.defaults import RECIPE_DEFAULTS
 from softlabels.errors import SpecError
 
 __all__ = ["Recipe", "OPTIMIZERS", "SCHEDULES", "param_groups", "build_optimizer", "build_scheduler", "Precision"]
@@ -29,14 +30,14 @@ WARMUP_START = 0.01  # warm-up starts at this fraction of --lr (torchvision's --
 
 @dataclass(frozen=True)
 class Recipe:
-    optimizer: str = "adam"
-    lr: float = 1e-2
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    decay_epochs: float = 30.0
-    decay_rate: float = 0.1
+    optimizer: str = RECIPE_DEFAULTS["optimizer"]
+    lr: float = RECIPE_DEFAULTS["lr"]
+    momentum: float = RECIPE_DEFAULTS["momentum"]
+    weight_decay: float = RECIPE_DEFAULTS["weight_decay"]
+    schedule: str = RECIPE_DEFAULTS["schedule"]
+    warmup_epochs: float = RECIPE_DEFAULTS["warmup_epochs"]
+    decay_epochs: float = RECIPE_DEFAULTS["decay_epochs"]
+    decay_rate: float = RECIPE_DEFAULTS["decay_rate"]
     amp: bool = False
     channels_last: bool = False
     grad_clip: float | None = None

@@ -35,6 +35,7 @@ import torch
 from softlabels.checkpoint import CHECKPOINT, resume_run, save_checkpoint
 from softlabels.data.provenance import json_value
 from softlabels.fit import evaluate_accuracy
+from softlabels.defaults import DEFAULTS
 from softlabels.recipe import Precision, Recipe, build_optimizer, build_scheduler
 from softlabels.student import PENULTIMATE
 from softlabels.train_progress import BatchProgress
@@ -42,8 +43,6 @@ from softlabels.train_setup import Run, StudentFeatures, build_student, setup
 
 __all__ = ["train_student", "build_student", "DEFAULTS", "StudentFeatures", "TrainConfig", "default_preload_bytes"]
 
-#: Trainer defaults (the method hyperparameters default to softlabels.losses', see LOSSES.md).
-DEFAULTS = {"epochs": 60, "seed": 0, "batch_size": 128, "lr": 1e-2, "optimizer": "adam", "schedule": "cosine"}
 
 
 @dataclass
@@ -61,10 +60,11 @@ class TrainConfig:
     seed: int = DEFAULTS["seed"]
     batch_size: int = DEFAULTS["batch_size"]
     lr: float = DEFAULTS["lr"]
-    eval_split: str | None = "test"
+    eval_split: str | None = "auto"  # auto: test, else val; None: no evaluation
+    holdout: float | None = None  # evaluate on this seeded fraction of train instead, left out of training
     hparams: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
-    allow_mismatch: bool = False
+    allow_mismatch: bool | Sequence[str] = False  # kinds of dataset difference to allow (True: all)
     views: str = "first"
     student_augment: str | None = None
     num_workers: int = 0
@@ -103,10 +103,11 @@ def train_student(
     batch_size: int = DEFAULTS["batch_size"],
     lr: float = DEFAULTS["lr"],
     out_dir: str | Path,
-    eval_split: str | None = "test",
+    eval_split: str | None = "auto",
+    holdout: float | None = None,
     hparams: dict[str, Any] | None = None,
     progress: bool = True,
-    allow_mismatch: bool = False,
+    allow_mismatch: bool | Sequence[str] = False,
     views: str = "first",
     student_augment: str | None = None,
     num_workers: int = 0,
@@ -125,7 +126,9 @@ def train_student(
     for ``ce``/``ls``). ``temperature`` must be in every store's grid (default: the method's);
     ``k`` uses the first k stored logits (default: all); ``hparams`` are the method's
     (:func:`softlabels.losses.method_defaults`). A store dumped with ``--augment`` replays its
-    stored views (``views`` picks one per epoch); ``student_augment`` adds a student-only
+    stored views (``views`` picks one per epoch); ``eval_split`` is evaluated every epoch ("auto":
+    test, else val; a dataset with neither needs ``holdout``, a seeded fraction of the train rows
+    held out of training, or ``eval_split=None``); ``student_augment`` adds a student-only
     augmentation the teacher never saw (see :mod:`softlabels.augment`). Returns the metrics also written to
     ``out_dir/metrics.json``; the student's ``state_dict`` goes to ``out_dir/student.pt``.
     ``storage_options`` are fsspec options for remote stores (``s3://``, ``http(s)://``).
@@ -143,7 +146,7 @@ def train_student(
     recipe = recipe or Recipe(lr=lr)
     config = TrainConfig(
         store_path, dataset_spec, student_arch, method, out_dir, temperature=temperature, k=k, epochs=epochs,
-        seed=seed, batch_size=batch_size, lr=recipe.lr, eval_split=eval_split, hparams=dict(hparams or {}),
+        seed=seed, batch_size=batch_size, lr=recipe.lr, eval_split=eval_split, holdout=holdout, hparams=dict(hparams or {}),
         progress=progress, allow_mismatch=allow_mismatch, views=views, student_augment=student_augment,
         num_workers=num_workers, storage_options=storage_options, recipe=recipe, augment=augment,
         student_feature_layer=student_feature_layer,
@@ -314,6 +317,7 @@ def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings,
         "test_accuracy": history[-1].get("test_accuracy"),
         "best_test_accuracy": max((h["test_accuracy"] for h in history if "test_accuracy" in h), default=None),
         "eval_split": run.eval_split,
+        "holdout": run.holdout,
         "epochs": config.epochs,
         "seed": config.seed,
         "batch_size": config.batch_size,

@@ -1,8 +1,11 @@
 """The trainer's progress display: one rich bar per epoch on stderr (batches, images/s, running
-loss and its components, ETA), and a summary line per finished epoch. A no-op when disabled."""
+loss and its components, ETA), and a summary line per finished epoch. When stderr is not a terminal
+(a log file), plain epoch lines of :class:`softlabels.progress.EpochProgress` instead. A no-op when
+disabled."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -14,9 +17,14 @@ class BatchProgress:
         self.enabled, self.epochs = enabled, epochs
         self.bar: Any = None
         self.task: Any = None
+        self.plain: Any = None
 
     def __enter__(self) -> BatchProgress:
-        if self.enabled:
+        if self.enabled and not sys.stderr.isatty():
+            from softlabels.progress import EpochProgress
+
+            self.plain = EpochProgress(True, self.epochs, "train", accuracy=True).__enter__()
+        elif self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -52,6 +60,8 @@ class BatchProgress:
             self.bar.update(self.task, advance=1, speed=f"{rate:,.0f}", loss=f"{loss:.4f}" + (f" ({parts})" if parts else ""))
 
     def end_epoch(self, record: dict[str, Any]) -> None:
+        if self.plain is not None:
+            self.plain.update(record["epoch"], record["loss"], record.get("test_accuracy"))
         if self.bar is not None:
             acc = record.get("test_accuracy")
             acc_text = "" if acc is None else f"  {record.get('eval_split', 'eval')} acc {100 * acc:.2f}%"
@@ -62,5 +72,7 @@ class BatchProgress:
             )
 
     def __exit__(self, *exc: Any) -> None:
+        if self.plain is not None:
+            self.plain.__exit__(*exc)
         if self.bar is not None:
             self.bar.__exit__(*exc)

@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from softlabels.data.provenance import allowed_kinds
 from softlabels.data import ConcatDistillDataset, DistillDataset, StoreBatchSampler, dataset_differences, make_loader
-from softlabels.datasets import held_out_split, load_dataset
+from softlabels.datasets import load_dataset
+from softlabels.datasets.splits import choose_eval_split, holdout
 from softlabels.device import pick_device
 from softlabels.errors import InvalidTargetsError, SpecError
 from softlabels.fields import TOPK_INDICES, TOPK_VALUES
@@ -55,7 +58,8 @@ class Run:
     input_shape: tuple[int, ...] = ()
     shuffle: str = "full"  # the sampler's order: full (preloaded) or chunks (streamed)
     preload_bytes: int = 0
-    eval_split: str | None = None
+    eval_split: str | None = None  # the split evaluated on ("holdout": a held-out part of train)
+    holdout: dict[str, Any] | None = None  # fraction, seed and row counts of --holdout
 
 
 def _as_list(store_path: str | Sequence[str] | None) -> list[str]:
@@ -67,9 +71,10 @@ def _as_list(store_path: str | Sequence[str] | None) -> list[str]:
 
 
 def _check_same_teacher(
-    stores: list[SoftLabelStore], allow_mismatch: bool, warn: Callable[[str], None]
+    stores: list[SoftLabelStore], allow_mismatch: bool | Sequence[str], warn: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    """Refuse stores of different teachers; with ``allow_mismatch`` warn and return the
+    """Refuse stores of different teachers; with ``allow_mismatch`` (True, or kinds holding
+    ``teacher``) warn and return the
     differences (for ``metrics.json``'s ``allowed_mismatch``)."""
     first = stores[0].schema.teacher
     allowed = []
@@ -81,11 +86,11 @@ def _check_same_teacher(
                     f"stores {stores[0].location} and {other.location} come from different teachers "
                     f"({key}: {first.get(key)!r} vs {t.get(key)!r})"
                 )
-                if not allow_mismatch:
-                    raise SpecError(msg + "; train from stores of one teacher, or pass --allow-mismatch")
-                warn(msg + "; training anyway (--allow-mismatch)")
+                if "teacher" not in allowed_kinds(allow_mismatch):
+                    raise SpecError(msg + "; train from stores of one teacher, or pass --allow teacher")
+                warn(msg + "; training anyway (--allow teacher)")
                 allowed.append(
-                    {"store": other.location, "field": f"teacher.{key}", "store_value": t.get(key),
+                    {"store": other.location, "field": f"teacher.{key}", "kind": "teacher", "store_value": t.get(key),
                      "run_value": first.get(key)}
                 )
                 break
@@ -112,6 +117,21 @@ def _open_stores(config: TrainConfig, cls: type[DistillationMethod], note) -> tu
     return paths, stores, splits, allowed
 
 
+def feature_stats(store: SoftLabelStore, layer: str) -> tuple[float, float]:
+    """(mean, rms) of every stored value of ``features/<layer>``: the store's summary (format
+    1.2), else computed here chunk by chunk (older stores)."""
+    recorded = ((store.meta.summary or {}).get("features") or {}).get(layer)
+    if recorded is not None:
+        return float(recorded["mean"]), float(recorded["rms"])
+    array = store.array(f"features/{layer}")
+    total = squares = count = 0.0
+    step = max(1, store.schema.rows_per_chunk)
+    for start in range(0, store.num_samples, step):
+        block = np.asarray(array[start : start + step], dtype=np.float64)
+        total, squares, count = total + block.sum(), squares + np.square(block).sum(), count + block.size
+    return total / max(count, 1), float(np.sqrt(squares / max(count, 1)))
+
+
 def _build_method(config: TrainConfig, cls, hparams, stores, student, num_classes, k, input_shape):
     """The method with the store constants it declares; the student's feature hook if it reads
     features. Returns ``(method, features)``."""
@@ -129,6 +149,8 @@ def _build_method(config: TrainConfig, cls, hparams, stores, student, num_classe
                 f"{', '.join(dims) or 'none'}); re-dump with --feature-layer or choose another method"
             )
         constants["teacher_feature_shape"] = (dims[layer],)
+        if "teacher_feature_stats" in cls.store_constants:
+            constants["teacher_feature_stats"] = feature_stats(stores[0], layer)
         hparams.setdefault("student_feature_shape", features.probe(student, input_shape))
     if "k" in method_defaults(config.method) and k is not None:
         for store in stores:  # before build_method, whose own check only knows num_classes
@@ -199,6 +221,22 @@ def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
     for path, (dataset, info), store in zip(paths, loaded, stores):
         allowed += [{"store": path, **d.to_dict()} for d in dataset_differences(store, dataset, info)]
     train_data = parts[0] if len(parts) == 1 else ConcatDistillDataset(parts)
+    if config.views in ("next", "random") and stores and all(s.views == 1 for s in stores):
+        raise SpecError(
+            f"--views {config.views} picks one of several stored views per epoch, but {', '.join(paths)} "
+            "hold one view per sample; dump with --views V --augment POLICY, or drop --views"
+        )
+    eval_split = None  # None and no --holdout: no evaluation
+    if config.eval_split is not None or config.holdout is not None:
+        eval_split = choose_eval_split(config.dataset_spec, splits[0], _requested(config.eval_split), config.holdout)
+    eval_set, exclude, held = None, None, None
+    if eval_split is None and config.holdout is not None:  # a seeded part of the train rows, left out of training
+        if "train" not in splits:
+            raise SpecError(f"--holdout holds out part of the train split, but the stores cover {', '.join(splits)}")
+        part = splits.index("train")
+        held = holdout(loaded[part][0], config.holdout, config.seed)
+        offset = sum(len(p) for p in parts[:part])
+        eval_set, exclude, eval_split = held.held_out, held.held_out_index + offset, "holdout"
     shuffle = config.shuffle
     if shuffle == "auto":
         shuffle = "full" if train_data.preloaded_all else "chunks"
@@ -208,16 +246,24 @@ def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
             f"use --batch-size <= {len(train_data)}"
         )
     sampler = StoreBatchSampler(train_data, config.batch_size, shuffle=True if shuffle == "full" else "chunks",
-                                seed=config.seed)
+                                seed=config.seed, exclude=exclude)
     batches: Any = sampler  # in-process: one __getitems__ per batch, no DataLoader machinery
     if config.num_workers > 0:
         batches = make_loader(train_data, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
 
-    eval_set = None
-    eval_split = held_out_split(config.dataset_spec) if config.eval_split == "auto" else config.eval_split
-    if eval_split:
+    if eval_split is not None and eval_set is None:
         eval_set, eval_info = load_dataset(config.dataset_spec, eval_split)
         if eval_info.labels is None:
-            raise SpecError(f"the {eval_split} split of {eval_info.spec} is unlabeled; choose a labelled eval split")
+            raise SpecError(
+                f"the {eval_split} split of {eval_info.spec} is unlabeled; choose a labelled eval split"
+            )
     return Run(paths, stores, splits, infos, student, method, features, train_data, sampler, batches, eval_set,
-               device, k, reads_topk, allowed, input_shape, shuffle, config.preload_bytes, eval_split)
+               device, k, reads_topk, allowed, input_shape, shuffle, config.preload_bytes, eval_split,
+               None if held is None else held.to_dict())
+
+
+def _requested(eval_split: str | None) -> str | None:
+    """The split asked for; None for "auto" (test, else val)."""
+    if eval_split is None or eval_split.strip().lower() == "auto":
+        return None
+    return eval_split

@@ -178,7 +178,7 @@ def test_writer_rejects_bad_targets(tmp_path):
         w.write_unit(0, bad)
     assert not (tmp_path / "s" / "logsumexp" / "c" / "0").exists()
     with pytest.raises(InvalidTargetsError, match="overflows float16"):
-        w.write_unit(0, dict(f, topk_values=f["topk_values"] * 0 - 1e6))
+        w.write_unit(0, dict(f, topk_values=f["topk_values"] * 0 + 1e6))  # below -65504 is clamped: test_float16_clamp
     with pytest.raises(InvalidTargetsError, match="labels outside 0..9"):
         w.write_unit(0, dict(f, labels=f["labels"] * 0 - 1))
     with pytest.raises(InvalidTargetsError, match="missing \\['labels'\\]"):
@@ -231,7 +231,7 @@ def test_open_errors(tmp_path, small_store):
     doc = json.loads(meta_path.read_text())
     doc["attributes"]["softlabels"]["format_version"] = "2.0"
     meta_path.write_text(json.dumps(doc))
-    with pytest.raises(UnsupportedFormatError, match="format 2.0, newer than this reader's 1.1; upgrade"):
+    with pytest.raises(UnsupportedFormatError, match="format 2.0, newer than this reader's 1.2; upgrade"):
         open_store(small_store)
 
 

@@ -11,6 +11,7 @@ import sys
 import typer
 
 from softlabels import __version__
+from softlabels.cli.options import show_flags_as_flags
 from softlabels.errors import SoftlabelsError
 
 app = typer.Typer(
@@ -37,15 +38,16 @@ def _root(
 
 
 def _register() -> None:
-    from softlabels.cli import copy, dump, report, store_commands, teacher, train
+    from softlabels.cli import copy, dump, listing, report, store_commands, teacher, train
 
     store_commands.register(app)
     app.add_typer(teacher.teacher_app, name="teacher")
-    for module in (dump, train, copy, report):
+    for module in (dump, train, copy, report, listing):
         module.register(app)
 
 
 _register()
+show_flags_as_flags()
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import typer
 from rich.console import Console
@@ -44,17 +45,19 @@ def register(app: typer.Typer) -> None:
             console=console, disable=quiet,
         )
         task = progress.add_task("copy", total=None, mb=0.0, rate="")
-        copied = {"bytes": 0}
+        copied = {"bytes": 0, "t0": 0.0}
 
         def on_object(nbytes: int) -> None:
             copied["bytes"] += nbytes
-            elapsed = progress.tasks[0].elapsed or 0.0
+            # the summary's clock: from the first object requested, not from opening the source
+            elapsed = time.perf_counter() - copied["t0"]
             rate = f"{copied['bytes'] / 1e6 / elapsed:.1f} MB/s" if elapsed > 0 else ""
             progress.update(task, advance=1, mb=copied["bytes"] / 1e6, rate=rate)
 
         def on_start(objects: int) -> None:  # after every check passed: no bar for a refused copy
-            progress.update(task, total=objects)
+            progress.reset(task, total=objects)
             progress.start()
+            copied["t0"] = time.perf_counter()
 
         try:
             result = copy_store(

@@ -11,12 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from softlabels.cli.options import parse_storage_options, storage_option_flag
-from softlabels.stores.reader import open_store
-from softlabels.stores.verify import verify_store
 
 
 def store_info(location: str, storage_options: dict | None = None) -> dict[str, Any]:
     """The JSON object ``info --json`` prints."""
+    from softlabels.stores.reader import open_store
+
     store = open_store(location, allow_incomplete=True, storage_options=storage_options)
     s = store.schema
     size = store.bytes_on_disk()
@@ -63,6 +63,11 @@ def fidelity_rows(summary: dict[str, Any] | None, labeled: bool, k: int) -> list
     for suffix, figures in scopes:
         for t, mass in (figures.get("topk_mass") or {}).items():
             rows.append((f"top-k mass T={t}{suffix}", f"mean {mass['mean']:.4f}, min {mass['min']:.4f}"))
+    for name, stats in (summary.get("features") or {}).items():
+        rows.append((f"features/{name}", f"mean {stats['mean']:,.4g}, RMS {stats['rms']:,.4g}"))
+    clamped = summary.get("float16_clamped")
+    if clamped is not None:
+        rows.append(("float16 clamped", ", ".join(f"{n} {c:,}" for n, c in clamped.items()) + " (at -65504: probability 0)"))
     for suffix, figures in scopes:
         for key, label in (("teacher_top1_accuracy", "teacher top-1 accuracy"), ("label_in_topk", f"label in top-{k}")):
             value = figures.get(key)
@@ -105,6 +110,11 @@ def register(app: typer.Typer) -> None:
         table.add_row("teacher", f"{teacher.get('spec', '?')}  sha256 {str(teacher.get('checkpoint_sha256'))[:16]}")
         ds = data["dataset"]
         table.add_row("dataset", f"{ds.get('spec', '?')} split={ds.get('split', '?')}")
+        manifest = ds.get("manifest")
+        if manifest:
+            classes = f", {len(manifest['classes'])} classes" if manifest.get("classes") else ""
+            table.add_row("dataset files", f"{manifest['files']:,} files{classes}, content sha256 "
+                          f"{str(manifest['content_sha256'])[:16]} (identity by content, any path)")
         if ds.get("labels_sha256"):
             table.add_row("labels sha256", str(ds["labels_sha256"])[:16])
         aug = data["augmentation"]
@@ -126,6 +136,8 @@ def register(app: typer.Typer) -> None:
         storage_option: list[str] = storage_option_flag(),
     ) -> None:
         """Re-read every chunk: checksums, completeness, digests, metadata. Exits 1 on any problem."""
+        from softlabels.stores.verify import verify_store
+
         report = verify_store(store, storage_options=parse_storage_options(storage_option))
         if report.ok:
             print(f"ok: {store}: {report.chunks_checked} chunks and {report.units_checked} units verified")

@@ -89,7 +89,7 @@ class DistillDataset(torch.utils.data.Dataset):
         k: int | None = None,
         views: str = "first",
         seed: int = 0,
-        allow_mismatch: bool = False,
+        allow_mismatch: bool | Sequence[str] = False,
         preload: bool | str = "auto",
         preload_bytes: int = DEFAULT_PRELOAD_BYTES,
         student_augment: str | None = None,

@@ -35,7 +35,7 @@ from softlabels.datasets.info import DatasetInfo, InMemoryDataset, inputs_sha256
 from softlabels.datasets.spec import split_name
 from softlabels.errors import SpecError
 
-__all__ = ["DatasetInfo", "InMemoryDataset", "load_dataset", "list_datasets", "inputs_sha256", "held_out_split"]
+__all__ = ["DatasetInfo", "InMemoryDataset", "load_dataset", "list_datasets", "inputs_sha256"]
 
 _BUILTINS = {mnist1d.NAME: mnist1d.load, digits.NAME: digits.load, synthetic.NAME: synthetic.load}
 
@@ -61,15 +61,3 @@ def load_dataset(spec: str, split: str = "train") -> tuple[torch.utils.data.Data
         return vision.load_imagefolder(rest, split)
     hint = " (local files: use imagefolder:/path)" if name.startswith(("/", ".", "~")) else ""
     raise SpecError(f"unknown dataset '{name or spec}'{hint}; known: {', '.join(list_datasets())}")
-
-
-def held_out_split(spec: str) -> str | None:
-    """The split to evaluate on: ``test``, else ``val`` (an ImageFolder with ``train/`` and
-    ``val/``), else None."""
-    for split in ("test", "val"):
-        try:
-            load_dataset(spec, split)
-        except SpecError:
-            continue
-        return split
-    return None

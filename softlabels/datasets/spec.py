@@ -16,7 +16,7 @@ from typing import Any
 
 from softlabels.errors import SpecError
 
-__all__ = ["Param", "split_name", "parse_params", "format_params", "split_path_query", "check_split"]
+__all__ = ["Param", "split_name", "parse_params", "format_params", "split_path_query", "check_split", "spec_identity"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,14 @@ def split_path_query(dataset: str, rest: str) -> tuple[str, str]:
 def check_split(dataset: str, split: str, splits: tuple[str, ...]) -> None:
     if split not in splits:
         raise SpecError(f"{dataset} has no split '{split}' (available: {', '.join(splits)})")
+
+
+def spec_identity(spec: str) -> str:
+    """A canonical spec without the local root of a path dataset (``imagefolder:/a/b?size=256`` ->
+    ``imagefolder:?size=256``): the same files at another path are the same data; their content is
+    compared through the dataset's manifest instead."""
+    name, rest = split_name(spec)
+    if rest.startswith(("/", ".", "~")) or (os.sep in rest.split("?", 1)[0]):
+        _, _, query = rest.rpartition("?") if "?" in rest else (rest, "", "")
+        return f"{name}:?{query}"
+    return spec

@@ -22,6 +22,7 @@ from softlabels.stores.writer import StoreWriter
 from softlabels.targets import summarize_logits
 
 PENULTIMATE = "penultimate"
+DEFAULT_K = 10  # top-k when none is given: min(DEFAULT_K, classes)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class DumpConfig:
     out: str
     weights: str | None = None
     split: str = "train"
-    k: int = 10
+    k: int | None = None  # None: min(DEFAULT_K, the teacher's class count)
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     feature_layers: tuple[str, ...] = (PENULTIMATE,)
     value_dtype: str = "float16"
@@ -192,6 +193,8 @@ class TeacherPredictor:
         self._recorder = FeatureRecorder(self.model, layers)
         self._layers = list(layers)
         self.labeled = self.info.labels is not None
+        self.k = config.k if config.k is not None else min(DEFAULT_K, int(self.teacher.num_classes))
+        self.rows_done = 0  # rows through the teacher so far (progress between units)
         self._writer: StoreWriter | None = None
         self._stream: BatchStream | None = None
         from softlabels.augment import get_policy
@@ -276,7 +279,7 @@ class TeacherPredictor:
             for view in range(self.config.views):
                 logits, feats = self.forward(views(view))
                 lab = None if labels_all is None else labels_all[index - start].to(logits.device)
-                fields = summarize_logits(logits, self.config.k, self.config.temperatures, lab)
+                fields = summarize_logits(logits, self.k, self.config.temperatures, lab)
                 fields.update({fmt.FEATURES_PREFIX + name: f for name, f in feats.items()})
                 for name, t in fields.items():
                     per_view.setdefault(name, []).append(t.cpu().numpy())
@@ -284,6 +287,7 @@ class TeacherPredictor:
                 parts.setdefault(name, []).append(np.stack(views, axis=1))
             for name, arr in params.items():
                 parts.setdefault(name, []).append(arr)
+            self.rows_done += len(index)
         out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         if labels_all is not None:
             out[fmt.LABELS] = labels_all.numpy()
@@ -302,12 +306,13 @@ class TeacherPredictor:
             logits, feats = self.forward(x)
             n = logits.shape[0]
             lab = None if labels_all is None else labels_all[offset : offset + n].to(logits.device)
-            fields = summarize_logits(logits, self.config.k, self.config.temperatures, lab)
+            fields = summarize_logits(logits, self.k, self.config.temperatures, lab)
             for name, t in fields.items():
                 parts.setdefault(name, []).append(t.unsqueeze(1).cpu().numpy())
             for name, f in feats.items():
                 parts.setdefault(fmt.FEATURES_PREFIX + name, []).append(f.unsqueeze(1).cpu().numpy())
             offset += n
+            self.rows_done += n
         out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         if labels_all is not None:
             out[fmt.LABELS] = labels_all.numpy()

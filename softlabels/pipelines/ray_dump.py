@@ -20,6 +20,7 @@ from softlabels.pipelines.predictor import DumpConfig, Loaded, TeacherPredictor
 
 MAX_RESTARTS = 4
 UNITS_IN_FLIGHT_PER_ACTOR = 2
+POLL_SECONDS = 0.5  # how often the driver asks the workers for rows done between units
 
 
 class DumpWorker:
@@ -46,6 +47,10 @@ class DumpWorker:
 
     async def pid(self) -> int:
         return os.getpid()
+
+    async def rows_done(self) -> int:
+        """Rows this worker has run through the teacher (answered while a unit computes)."""
+        return self.predictor.rows_done
 
     async def write_unit(self, unit: int) -> tuple[int, dict[str, str]]:
         import asyncio
@@ -111,6 +116,7 @@ def run_units(
     on_done: Callable[[int, dict[str, str]], None],
     on_actors: Callable[[list], None] | None = None,
     loaded: Loaded | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Compute and write ``units`` on Ray actors; call ``on_done(unit, digests)`` in the driver
     exactly once per unit, as each finishes; returns start-up and work seconds. ``loaded`` (dataset + teacher, as the driver loaded
@@ -139,14 +145,15 @@ def run_units(
         ready = time.perf_counter()
         if on_actors is not None:
             on_actors(actors)
-        _schedule(actors, list(units), on_done)
+        _schedule(actors, list(units), on_done, on_rows)
         return {"startup_seconds": ready - t0, "work_seconds": time.perf_counter() - ready, "workers": n}
     finally:
         if started:
             ray.shutdown()
 
 
-def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, str]], None]) -> None:
+def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, str]], None],
+              on_rows: Callable[[int], None] | None = None) -> None:
     import ray
 
     queue.reverse()
@@ -162,7 +169,13 @@ def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, 
         for _ in range(UNITS_IN_FLIGHT_PER_ACTOR):
             submit(actor)
     while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_SECONDS if on_rows else None)
+        if not ready:  # between units: how far the workers are, for a progress display
+            try:
+                on_rows(sum(ray.get([a.rows_done.remote() for a in actors], timeout=POLL_SECONDS)))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                pass  # a busy or restarting worker: the next poll or the unit's completion reports
+            continue
         unit, actor = in_flight.pop(ready[0])
         try:
             done_unit, digests = ray.get(ready[0])

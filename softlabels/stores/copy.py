@@ -94,6 +94,7 @@ def copy_store(
         listed = [k for k in store_keys(src_store) if k != METADATA_KEY]
     # array metadata first (an interrupted copy is then recognisable for --overwrite), root last
     keys = sorted(listed, key=lambda k: not k.endswith(METADATA_KEY)) + [METADATA_KEY]
+    t0 = time.perf_counter()
     if on_start is not None:
         on_start(len(keys))
 
@@ -112,7 +113,6 @@ def copy_store(
         body = await asyncio.gather(*(transfer(key, gate) for key in keys[:-1]))
         return sum(body) + await transfer(METADATA_KEY, gate)  # the commit marker, last
 
-    t0 = time.perf_counter()
     with remote_errors(src, source_options), remote_errors(dst, destination_options):
         nbytes = sync(transfer_all())
     seconds = time.perf_counter() - t0

@@ -28,10 +28,17 @@ from softlabels.fields import (
 )
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = "1.1"  # 1.1: metadata_sha256, label_in_topk; optional augment/<param> arrays (multi-view dumps)
+FORMAT_VERSION = "1.2"  # 1.1: metadata_sha256, label_in_topk; optional augment/<param> arrays (multi-view dumps)
+# 1.2: float16 log-probabilities clamped at -65504 (summary.float16_clamped); crop-flip view 0 = the eval view
 FORMAT_MAJOR = 1
 ATTRS_KEY = "softlabels"
 
+# float16 stores clamp the normalised logits (log-probabilities, always <= 0) of these arrays at
+# the float16 minimum instead of refusing them, when every stored T is below CLAMP_MAX_TEMPERATURE:
+# then exp(v / T) is exactly 0 in float32 for v and for the clamp bound alike (docs/FORMAT.md §2).
+CLAMPED_LOG_PROBS = (TOPK_VALUES, LABEL_LOGIT)
+FLOAT16_MIN = -65504.0
+CLAMP_MAX_TEMPERATURE = 600.0  # exp(-65504 / T) is exactly 0 in float32 for T < 630
 AUGMENT_DTYPES = ("uint8", "int16", "int32")
 CLASSIFIER_WEIGHT = "teacher/classifier_weight"
 CLASSIFIER_BIAS = "teacher/classifier_bias"

@@ -21,7 +21,6 @@ from softlabels.errors import IncompleteStoreError, NotAStoreError, StoreNotFoun
 from softlabels.stores import format as fmt
 from softlabels.stores.location import bytes_on_disk, is_remote, location_exists, open_zarr_store
 from softlabels.stores.metadata import StoreMetadata, read_metadata
-from softlabels.targets import temperature_index
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -286,7 +285,11 @@ class SoftLabelStore:
         ]
         idx = self._check_indices(indices)
         out: dict[str, np.ndarray] = {}
-        t_col = temperature_index(self.temperatures, temperature) if temperature is not None else None
+        t_col = None
+        if temperature is not None:
+            from softlabels.targets import temperature_index  # torch: not needed by info/verify/copy
+
+            t_col = temperature_index(self.temperatures, temperature)
         rows = None
         if view is not None:
             views = np.asarray(view, dtype=np.int64)

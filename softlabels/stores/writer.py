@@ -119,15 +119,19 @@ class StoreWriter:
         if exists and resume:
             writer = cls(loc, storage_options=storage_options)
             diffs = writer.schema.differences(schema)
-            if diffs:
+            written = int(writer.completed_units().sum()) if diffs else 0
+            if diffs and written:
                 more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
                 raise SchemaMismatchError(
-                    f"cannot resume {loc}: {diffs[0]}{more}; resume with the original settings "
-                    "or pass --overwrite to start again"
+                    f"cannot resume {loc}: {diffs[0]}{more}; {written} of {writer.schema.num_units} units are "
+                    "already written with the store's settings: resume with those, or pass --overwrite instead "
+                    "of --resume to start again with the new ones"
                 )
-            writer._ensure_arrays(classifier_weight, classifier_bias)
-            return writer
-        if exists:  # and overwrite (check_create_mode refused the rest)
+            if not diffs:
+                writer._ensure_arrays(classifier_weight, classifier_bias)
+                return writer
+            # no unit written yet: nothing to keep, so the new settings simply start the store afresh
+        if exists:  # --overwrite, or a --resume of a store with no unit written (check_create_mode refused the rest)
             _check_is_store_before_delete(loc, storage_options)
             remove_location(loc, storage_options)
         _check_constants(schema, classifier_weight, classifier_bias)
@@ -215,11 +219,13 @@ class StoreWriter:
                         f"unit {unit}: {name} contains NaN/inf; nothing was written for this unit "
                         "(check the teacher checkpoint and input preprocessing)"
                     )
+                if name in fmt.CLAMPED_LOG_PROBS and spec.dtype == "float16" and self._clamps():
+                    data = np.maximum(data, fmt.FLOAT16_MIN)  # probability 0 at every stored T either way
                 cast = _cast_float(data, spec.dtype)
                 if not _all_finite(cast):
                     raise InvalidTargetsError(
                         f"unit {unit}: {name} overflows {spec.dtype} (|value| > {np.finfo(spec.dtype).max:g}); "
-                        "dump with --value-dtype float32"
+                        "dump again with --value-dtype float32 --overwrite"
                     )
             else:
                 if name == fmt.TOPK_INDICES and (data.min(initial=0) < 0 or data.max(initial=0) >= self.schema.num_classes):
@@ -232,6 +238,11 @@ class StoreWriter:
                 cast = data.astype(spec.dtype)
             out[name] = np.ascontiguousarray(cast)
         return out
+
+    def _clamps(self) -> bool:
+        """Whether float16 log-probabilities below -65504 are clamped (FORMAT.md §2): only when
+        every stored temperature keeps their probability exactly 0 in float32."""
+        return max(self.schema.temperatures) < fmt.CLAMP_MAX_TEMPERATURE
 
     def write_unit(self, unit: int, fields: Mapping[str, np.ndarray]) -> dict[str, str]:
         """Write one unit's rows of every per-sample array; return their sha256 digests (hex).
@@ -301,12 +312,23 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
                 "in_topk": 0}
         for scope in scopes
     }
+    clamped = {name: 0 for name in fmt.CLAMPED_LOG_PROBS if schema.labeled or name != fmt.LABEL_LOGIT}
+    feature_sums = {name: np.zeros(3) for name, _ in schema.features}  # sum, sum of squares, count
     for unit in range(schema.num_units):
         start, stop = schema.unit_range(unit)
         values = writer._array(fmt.TOPK_VALUES)[start:stop].astype(np.float64)  # [n, V, k]
         lse = writer._array(fmt.LOGSUMEXP)[start:stop].astype(np.float64)  # [n, V, T]
         indices = writer._array(fmt.TOPK_INDICES)[start:stop]  # [n, V, k]
         labels = writer._array(fmt.LABELS)[start:stop][:, None, None] if schema.labeled else None
+        if schema.value_dtype == "float16":
+            clamped[fmt.TOPK_VALUES] += int((values == fmt.FLOAT16_MIN).sum())
+            if schema.labeled:
+                clamped[fmt.LABEL_LOGIT] += int((writer._array(fmt.LABEL_LOGIT)[start:stop] == fmt.FLOAT16_MIN).sum())
+        for name, sums in feature_sums.items():
+            array = writer._array(fmt.FEATURES_PREFIX + name)
+            for s in range(start, stop, schema.rows_per_chunk):  # chunk by chunk: features are wide
+                block = array[s : min(s + schema.rows_per_chunk, stop)].astype(np.float64)
+                sums += (block.sum(), np.square(block).sum(), block.size)
         for scope, views in scopes.items():
             a = acc[scope]
             for j, t in enumerate(temps):
@@ -321,6 +343,8 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
 
     def figures(a: dict[str, Any]) -> dict[str, Any]:
         n = a["count"]
+        if schema.k == schema.num_classes:  # every class stored: the mass is 1 by construction, the
+            a["mass_sum"][:], a["mass_min"][:] = n, 1.0  # sum above only adds float16 rounding
         return {
             "topk_mass": {
                 f"{t:g}": {"mean": float(a["mass_sum"][j] / n), "min": float(a["mass_min"][j])}
@@ -333,6 +357,13 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
     summary: dict[str, Any] = {"rows": int(schema.num_samples), "views": int(schema.views), **figures(acc["all"])}
     if "view0" in acc:
         summary["view0"] = figures(acc["view0"])
+    if feature_sums:  # scale of the stored features: a hint loss on raw features scales with RMS²
+        summary["features"] = {
+            name: {"mean": float(total / max(n, 1)), "rms": float(np.sqrt(squares / max(n, 1)))}
+            for name, (total, squares, n) in feature_sums.items()
+        }
+    if schema.value_dtype == "float16":
+        summary["float16_clamped"] = clamped  # values at the float16 bound -65504 (FORMAT.md §2)
     return summary
 
 
