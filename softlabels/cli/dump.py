@@ -45,7 +45,12 @@ def register(app: typer.Typer) -> None:
             "crop-flip[:min_scale=0.08,...] (imagefolder). See docs/FORMAT.md 'Augmentation'.",
         ),
         augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the augmentation parameters (keyed by seed, sample, view)."),
-        value_dtype: str = typer.Option("float16", help="Storage dtype of logits: float16 or float32."),
+        value_dtype: str = typer.Option("float16", help="Storage dtype of logits with --codec fp16: float16 or float32."),
+        codec: str = typer.Option(
+            "fp16", "--codec",
+            help="Target codec: fp16 (top-k logits as --value-dtype floats) or compact (~1 byte per stored number: "
+            "quantised log-probabilities, 8-bit tail masses; format 1.2, see docs/FORMAT.md 'Compact codec').",
+        ),
         batch_size: int = typer.Option(256, help="Teacher batch size."),
         loader_workers: int = typer.Option(
             1, min=0, help="Decoding processes per Ray worker for file datasets (images); they run ahead across units. 0 decodes in the worker itself."
@@ -66,13 +71,17 @@ def register(app: typer.Typer) -> None:
             raise SoftlabelsError(f"--workers must be at least 1, got {workers}")
         if value_dtype not in ("float16", "float32"):
             raise SoftlabelsError(f"--value-dtype must be float16 or float32, got {value_dtype!r}")
+        if codec not in ("fp16", "compact"):
+            raise SoftlabelsError(f"--codec must be fp16 or compact, got {codec!r}")
+        if codec == "compact" and value_dtype != "float16":
+            raise SoftlabelsError("--value-dtype applies to --codec fp16 only; the compact codec stores uint8 codes")
         from softlabels.pipelines.dump import check_views
 
         check_views(views, augment)
         layers = () if no_features else tuple(feature_layer or (PENULTIMATE,))
         config = DumpConfig(
             teacher=teacher, dataset=dataset, out=out, weights=weights, split=split, k=k,
-            temperatures=parse_temperatures(temperatures), feature_layers=layers, value_dtype=value_dtype,
+            temperatures=parse_temperatures(temperatures), feature_layers=layers, value_dtype=value_dtype, codec=codec,
             batch_size=batch_size, loader_workers=loader_workers, views=views, augment=augment,
             augment_seed=augment_seed, storage_options=parse_storage_options(storage_option),
         )

@@ -16,8 +16,11 @@ import numpy as np
 from softlabels.errors import InvalidTargetsError
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = "1.1"  # 1.1: metadata_sha256, label_in_topk; optional augment/<param> arrays (multi-view dumps)
+FORMAT_VERSION = "1.2"  # 1.1: metadata_sha256, label_in_topk, augment/<param>; 1.2: the compact target codec
 FORMAT_MAJOR = 1
+# Stores a reader older than this cannot decode record it (the compact codec: "1.2").
+MIN_READER_KEY = "min_reader_version"
+COMPACT_MIN_READER = "1.2"
 ATTRS_KEY = "softlabels"
 
 TOPK_VALUES = "topk_values"
@@ -32,8 +35,11 @@ CLASSIFIER_WEIGHT = "teacher/classifier_weight"
 CLASSIFIER_BIAS = "teacher/classifier_bias"
 UNITS_COMPLETE = "units/complete"
 UNITS_SHA256 = "units/sha256"
+UNITS_CODEC_FIDELITY = "units/codec_fidelity"
+CODEC_FIDELITY_COLUMNS = ("kl_sum", "kl_max", "rows", "top1_agree")
 
 VALUE_DTYPES = ("float16", "float32")
+COMPACT_VALUE_DTYPE = "uint8"  # schema.value_dtype of compact stores: the values are stored as uint8 codes
 FEATURE_DTYPE = "float16"
 MAX_UINT16_CLASSES = 65_536
 
@@ -97,6 +103,7 @@ class StoreSchema:
     teacher: Mapping[str, Any] = field(default_factory=dict)
     dataset: Mapping[str, Any] = field(default_factory=dict)
     augmentation: Mapping[str, Any] | None = None
+    codec: Mapping[str, Any] | None = None  # None: the fp16/fp32 layout; else the compact codec's record (§8)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -116,7 +123,9 @@ class StoreSchema:
         object.__setattr__(self, "temperatures", temps)
         if self.views < 1:
             raise InvalidTargetsError(f"views must be >= 1, got {self.views}")
-        if self.value_dtype not in VALUE_DTYPES:
+        if self.codec is not None:
+            self._set_codec()
+        elif self.value_dtype not in VALUE_DTYPES:
             raise InvalidTargetsError(f"value dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         feats = tuple((str(n), int(d)) for n, d in self.features)
         for name, dim in feats:
@@ -141,10 +150,35 @@ class StoreSchema:
                         f"bad augmentation array {name!r} {spec!r}: names are plain, dtypes one of {AUGMENT_DTYPES}"
                     )
 
+    def _set_codec(self) -> None:
+        codec = dict(self.codec or {})
+        if self.value_dtype not in ("float16", COMPACT_VALUE_DTYPE):  # float16: the caller's default
+            raise InvalidTargetsError(
+                f"value dtype {self.value_dtype} applies to the fp16 codec only; the compact codec stores uint8 codes"
+            )
+        object.__setattr__(self, "value_dtype", COMPACT_VALUE_DTYPE)
+        object.__setattr__(self, "codec", self.compact_codec_from(codec).to_dict())
+
+    def compact_codec_from(self, codec: Mapping[str, Any]) -> Any:
+        from softlabels.stores.codecs.compact import CompactCodec
+
+        if codec.get("name") == "compact" and "logp_step" not in codec:  # a new store: the defaults
+            return CompactCodec(self.num_classes, self.k, self.temperatures)
+        return CompactCodec.from_dict(codec, num_classes=self.num_classes, k=self.k, temperatures=self.temperatures)
+
+    @property
+    def compact(self) -> Any:
+        """The :class:`~softlabels.stores.codecs.compact.CompactCodec` of a compact store, else None."""
+        return None if self.codec is None else self.compact_codec_from(self.codec)
+
+    @property
+    def codec_name(self) -> str:
+        return "fp16" if self.codec is None else str(self.codec["name"])
+
     # -- derived layout -------------------------------------------------------------
     @property
     def index_dtype(self) -> str:
-        return index_dtype(self.num_classes)
+        return index_dtype(self.num_classes) if self.codec is None else self.compact.index_dtype
 
     @property
     def num_units(self) -> int:
@@ -171,19 +205,39 @@ class StoreSchema:
                 per_sample=True,
             )
 
-        specs = [
-            spec(TOPK_VALUES, (v, self.k), self.value_dtype),
-            spec(TOPK_INDICES, (v, self.k), self.index_dtype),
-            spec(LOGSUMEXP, (v, len(self.temperatures)), "float32"),
-        ]
+        compact = self.compact
+        if compact is None:
+            specs = [
+                spec(TOPK_VALUES, (v, self.k), self.value_dtype),
+                spec(TOPK_INDICES, (v, self.k), self.index_dtype),
+                spec(LOGSUMEXP, (v, len(self.temperatures)), "float32"),
+            ]
+            if self.labeled:
+                specs.append(spec(LABEL_LOGIT, (v,), self.value_dtype))
+        else:
+            specs = [spec(name, (v, *tail), dtype) for name, _, tail, dtype in compact.arrays(self.labeled)]
         if self.labeled:
-            specs.append(spec(LABEL_LOGIT, (v,), self.value_dtype))
             specs.append(spec(LABELS, (), "int32"))
         for name, dim in self.features:
             specs.append(spec(FEATURES_PREFIX + name, (v, dim), FEATURE_DTYPE))
         for name, aug in dict((self.augmentation or {}).get("arrays", {})).items():
             specs.append(spec(AUGMENT_PREFIX + name, (v, *(int(d) for d in aug["shape"])), str(aug["dtype"])))
         return specs
+
+    def fields(self) -> list[ArraySpec]:
+        """The per-sample fields a reader returns, with their in-memory dtypes: the stored arrays
+        for the fp16 codec; for the compact codec the decoded ``topk_values``, ``logsumexp`` and
+        ``label_logit`` (float32) and ``topk_indices`` (uint16) in place of its coded arrays."""
+        stored = self.per_sample_arrays()
+        if self.codec is None:
+            return stored
+        n, v, rows, shard = self.num_samples, self.views, self.rows_per_chunk, self.rows_per_shard
+        decoded = [(TOPK_VALUES, (v, self.k), "float32"), (TOPK_INDICES, (v, self.k), "uint16"),
+                   (LOGSUMEXP, (v, len(self.temperatures)), "float32")]
+        if self.labeled:
+            decoded.append((LABEL_LOGIT, (v,), "float32"))
+        specs = [ArraySpec(name, (n, *tail), dtype, (rows, *tail), (shard, *tail), True) for name, tail, dtype in decoded]
+        return specs + [s for s in stored if not s.name.startswith("compact/")]
 
     def logical_bytes_per_sample(self) -> int:
         """Uncompressed bytes of one row over all per-sample arrays (docs/FORMAT.md gives the
@@ -201,6 +255,9 @@ class StoreSchema:
         n_arrays = len(self.per_sample_arrays())
         specs.append(ArraySpec(UNITS_COMPLETE, (self.num_units,), "uint8", (1,), None, False))
         specs.append(ArraySpec(UNITS_SHA256, (self.num_units, n_arrays, 32), "uint8", (1, n_arrays, 32), None, False))
+        if self.codec is not None:
+            shape = (self.num_units, len(self.temperatures), len(CODEC_FIDELITY_COLUMNS))
+            specs.append(ArraySpec(UNITS_CODEC_FIDELITY, shape, "float64", (1, *shape[1:]), None, False))
         return specs
 
     def all_arrays(self) -> list[ArraySpec]:
@@ -235,6 +292,7 @@ class StoreSchema:
             teacher=dict(d.get("teacher", {})),
             dataset=dict(d.get("dataset", {})),
             augmentation=None if d.get("augmentation") is None else dict(d["augmentation"]),
+            codec=None if d.get("codec") is None else dict(d["codec"]),
         )
 
     def differences(self, other: StoreSchema) -> list[str]:
@@ -277,6 +335,8 @@ def codecs_for(spec: ArraySpec) -> dict[str, Any]:
 
     itemsize = np.dtype(spec.dtype).itemsize
     shuffle = "shuffle" if spec.dtype in ("float16", "float32") else "bitshuffle"
+    if spec.name.startswith("compact/") and itemsize == 1:  # bitshuffle costs 6-130 % more bytes here (BENCHMARKS.md)
+        shuffle = "noshuffle"
     # Feature rows are wide (hundreds of values): level 9 costs ~35x the time of level 1 for
     # ~13 % fewer bytes, enough to slow a dump by 15 %. Top-k rows are tiny: level 9 is cheap.
     level = FEATURE_ZSTD_LEVEL if spec.name.startswith(FEATURES_PREFIX) else TARGET_ZSTD_LEVEL

@@ -24,6 +24,7 @@ from softlabels.stores.metadata import StoreMetadata, read_metadata
 from softlabels.targets import temperature_index
 
 DEFAULT_CACHE_BYTES = 1 << 30
+_CODEC_FIELDS = (fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP, fmt.LABEL_LOGIT)
 
 
 def open_store(
@@ -181,15 +182,35 @@ class SoftLabelStore:
         return weight, bias
 
     # -- bulk ----------------------------------------------------------------------
+    def _default_fields(self) -> list[str]:
+        return [s.name for s in self.schema.fields() if not s.name.startswith(fmt.FEATURES_PREFIX)]
+
+    def _decoded(self, name: str) -> bool:
+        """Whether ``name`` is a field the compact codec decodes (not a stored array)."""
+        return self.schema.codec is not None and name in _CODEC_FIELDS
+
+    def load(self, name: str) -> np.ndarray:
+        """A whole per-sample field as readers see it (decoded for compact stores)."""
+        memory = self._memory.get(name)
+        if memory is not None:
+            return memory.copy()
+        if not self._decoded(name):
+            return self.array(name)[...]
+        codec, schema = self.schema.compact, self.schema
+        parts = []
+        for unit in range(schema.num_units):  # bounded memory: one unit's coded rows at a time
+            start, stop = schema.unit_range(unit)
+            raw = {a: self.array(a)[start:stop] for a in codec.needs([name])}
+            parts.append(codec.decode(raw, [name])[name])
+        return np.concatenate(parts)
+
     def preload(self, fields: Iterable[str] | None = None) -> SoftLabelStore:
-        """Hold whole per-sample arrays in memory (bulk-read, millions of rows/s). Defaults to
-        every per-sample array except features."""
-        names = list(fields) if fields is not None else [
-            s.name for s in self.schema.per_sample_arrays() if not s.name.startswith(fmt.FEATURES_PREFIX)
-        ]
+        """Hold whole per-sample fields in memory (bulk-read, millions of rows/s; decoded once
+        for compact stores). Defaults to every per-sample field except features."""
+        names = list(fields) if fields is not None else self._default_fields()
         for name in names:
             if name not in self._memory:
-                self._memory[name] = _frozen(self.array(name)[...])
+                self._memory[name] = _frozen(self.load(name))
         return self
 
     def _chunk(self, name: str, chunk: int) -> np.ndarray:
@@ -239,6 +260,8 @@ class SoftLabelStore:
         memory = self._memory.get(name)
         if memory is not None:
             return memory[idx]
+        if self._decoded(name):
+            return self._gather_decoded([name], idx)[name]
         rows = self.schema.rows_per_chunk
         dense = self._dense(name)
         if dense is not None:
@@ -262,6 +285,12 @@ class SoftLabelStore:
             out[group] = block[idx[group] - chunk * rows]
         return out
 
+    def _gather_decoded(self, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Compact fields: their coded rows (cached like any array), decoded together."""
+        codec = self.schema.compact
+        raw = {a: self._gather(a, idx) for a in codec.needs(names)}
+        return codec.decode(raw, names)
+
     def read(
         self,
         indices: Sequence[int] | np.ndarray,
@@ -276,9 +305,7 @@ class SoftLabelStore:
         the view axis (``[B, V, ...]``); an int or a per-row int array selects one view per row
         (``[B, ...]``). ``temperature`` selects that column of ``logsumexp`` (``[B(, V)]``).
         """
-        names = list(fields) if fields is not None else [
-            s.name for s in self.schema.per_sample_arrays() if not s.name.startswith(fmt.FEATURES_PREFIX)
-        ]
+        names = list(fields) if fields is not None else self._default_fields()
         idx = self._check_indices(indices)
         out: dict[str, np.ndarray] = {}
         t_col = temperature_index(self.temperatures, temperature) if temperature is not None else None
@@ -292,8 +319,10 @@ class SoftLabelStore:
                 rows = np.arange(idx.size)
             else:
                 views = int(views)
+        coded = [n for n in names if self._decoded(n) and n not in self._memory]
+        decoded = self._gather_decoded(coded, idx) if coded else {}
         for name in names:
-            data = self._gather(name, idx)
+            data = decoded[name] if name in decoded else self._gather(name, idx)
             if view is not None and name != fmt.LABELS:
                 data = data[:, views] if rows is None else data[rows, views]
             if name == fmt.LOGSUMEXP and t_col is not None:
