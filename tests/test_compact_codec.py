@@ -190,3 +190,13 @@ def test_compact_codec_refuses_what_it_cannot_store(tmp_path):
     with pytest.raises(InvalidTargetsError, match="fp16 codec only"):
         fmt.StoreSchema(num_samples=10, num_classes=10, k=5, temperatures=(1.0,), value_dtype="float32",
                         codec={"name": "compact"})
+
+
+def test_dump_codec_flag_errors(cli, tmp_path, mnist1d_teacher):
+    from assertions import one_line_error
+
+    base = ["dump", "--teacher", "builtin:cnn", "--weights", mnist1d_teacher, "--dataset", "mnist1d:num_samples=1000",
+            "--out", tmp_path / "s", "--quiet", "--workers", "1"]
+    one_line_error(*cli(*base, "--codec", "int4"), "--codec must be fp16 or compact", "'int4'")
+    one_line_error(*cli(*base, "--codec", "compact", "--value-dtype", "float32"), "--value-dtype applies to --codec fp16")
+    assert not (tmp_path / "s").exists()
