@@ -106,6 +106,7 @@ class SoftLabelStore:
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cache_used = 0
         self._lazy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._codec = self.schema.compact  # None for fp16 stores
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -196,7 +197,7 @@ class SoftLabelStore:
             return memory.copy()
         if not self._decoded(name):
             return self.array(name)[...]
-        codec, schema = self.schema.compact, self.schema
+        codec, schema = self._codec, self.schema
         parts = []
         for unit in range(schema.num_units):  # bounded memory: one unit's coded rows at a time
             start, stop = schema.unit_range(unit)
@@ -287,7 +288,7 @@ class SoftLabelStore:
 
     def _gather_decoded(self, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
         """Compact fields: their coded rows (cached like any array), decoded together."""
-        codec = self.schema.compact
+        codec = self._codec
         raw = {a: self._gather(a, idx) for a in codec.needs(names)}
         return codec.decode(raw, names)
 

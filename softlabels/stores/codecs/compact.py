@@ -168,21 +168,29 @@ class CompactCodec:
             out[TOPK_INDICES] = ids.astype(np.uint16)
         if not {TOPK_VALUES, LOGSUMEXP, LABEL_LOGIT} & set(fields):
             return out
-        d = np.cumsum(raw[LOGP_GAPS], axis=-1, dtype=np.int64) * self.logp_step  # v_0 - v_r >= 0
+        q = np.cumsum(raw[LOGP_GAPS], axis=-1, dtype=np.int64)  # (v_0 - v_r) / logp_step, 0..255; q_0 = 0
         tail = self.tail_masses(raw[TAIL]) if self.has_tail else None
         m1 = tail[..., self.tail_temperatures.index(1.0)] if tail is not None else 0.0
-        top = np.log1p(-m1) - _logsumexp(-d)  # v_0: the top-k mass at T = 1 is 1 - m_1
+        # log Σ_r exp(-d_r / T) with d = logp_step * q: q_0 = 0, so the sum is >= 1 and needs no max shift
+        top = np.log1p(-m1) - np.log(self._exp_table(1.0)[q].sum(-1))  # v_0: the top-k mass at T = 1 is 1 - m_1
         if TOPK_VALUES in fields:
-            out[TOPK_VALUES] = (top[..., None] - d).astype(np.float32)
+            out[TOPK_VALUES] = (top[..., None] - q * self.logp_step).astype(np.float32)
         if LOGSUMEXP in fields:
             cols = []
             for t in self.temperatures:
                 m = tail[..., self.tail_temperatures.index(t)] if tail is not None else 0.0
-                cols.append(top / t + _logsumexp(-d / t) - np.log1p(-m))
+                cols.append(top / t + np.log(self._exp_table(t)[q].sum(-1)) - np.log1p(-m))
             out[LOGSUMEXP] = np.stack(cols, axis=-1).astype(np.float32)
         if LABEL_LOGIT in fields:
             out[LABEL_LOGIT] = (top - raw[LABEL_GAP].astype(np.float64) * self.logp_step).astype(np.float32)
         return out
+
+    def _exp_table(self, t: float) -> np.ndarray:
+        """``exp(-logp_step * q / t)`` for q = 0..255 (the decoder's only transcendental per rank)."""
+        tables = self.__dict__.setdefault("_tables", {})  # frozen dataclass: a cache outside the fields
+        if t not in tables:
+            tables[t] = np.exp(-self.logp_step * np.arange(256) / t)
+        return tables[t]
 
     def tail_masses(self, codes: np.ndarray) -> np.ndarray:
         """``compact/tail`` codes -> tail masses ``m_T = sigmoid(tail_step * (code - 128))``."""
