@@ -130,8 +130,10 @@ def test_info_shows_codec_and_fidelity_and_verify_and_copy_work(stores, cli, tmp
     raw = bytearray(damaged.read_bytes())
     raw[40] ^= 0xFF
     damaged.write_bytes(bytes(raw))
+    record = tmp_path / "copy.zarr" / "units/codec_fidelity/c/1/0/0"
+    record.write_bytes(record.read_bytes()[:-1])
     code, out, err = cli("verify", tmp_path / "copy.zarr")
-    assert code == 1 and "bad: chunk compact/tail/c/0/0/0" in err
+    assert code == 1 and "bad: chunk compact/tail/c/0/0/0" in err and "bad: chunk units/codec_fidelity/c/1/0/0" in err
 
 
 def test_a_1_1_reader_refuses_a_compact_store_in_one_line(stores, cli, monkeypatch):
