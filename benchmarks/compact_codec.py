@@ -185,7 +185,18 @@ def _train_one(job: tuple) -> dict:
     return {"test_accuracy": m["test_accuracy"]}
 
 
-def mnist1d(out: Path, seeds: int, epochs: int) -> dict:
+def dump(path: Path, reuse_fp16: bool, *args: str) -> None:
+    """``softlabels dump ... --out path``; with ``reuse_fp16``, a complete fp16 store already there is kept."""
+    if reuse_fp16 and "fp16" in args and path.exists():
+        from softlabels.stores import open_store
+
+        if open_store(path, allow_incomplete=True).meta.status == "complete":
+            print(f"reusing {path}")
+            return
+    softlabels("dump", *args, "--out", str(path))
+
+
+def mnist1d(out: Path, seeds: int, epochs: int, reuse_fp16: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     teacher = out / "teacher.pt"
     if not teacher.exists():
@@ -196,11 +207,11 @@ def mnist1d(out: Path, seeds: int, epochs: int) -> dict:
     stores = {}
     for codec in ("fp16", "compact"):
         stores[f"train-{codec}"] = out / f"train-{codec}.zarr"
-        softlabels("dump", *common, "--temperatures", "1,2,4,8", "--codec", codec, "--out", str(stores[f"train-{codec}"]))
+        dump(stores[f"train-{codec}"], reuse_fp16, *common, "--temperatures", "1,2,4,8", "--codec", codec)
         for v in (1, 8):
             path = stores[f"views{v}-{codec}"] = out / f"views{v}-{codec}.zarr"
             aug = ["--views", "8", "--augment", "shift1d:max=6"] if v == 8 else []
-            softlabels("dump", *common, "--temperatures", "4", "--no-features", *aug, "--codec", codec, "--out", str(path))
+            dump(path, reuse_fp16, *common, "--temperatures", "4", "--no-features", *aug, "--codec", codec)
     sizes = {name: store_bytes(path) for name, path in stores.items()}
     per_view = {codec: (sizes[f"views8-{codec}"] - sizes[f"views1-{codec}"]) / 7 for codec in ("fp16", "compact")}
     from softlabels.stores import open_store
@@ -246,13 +257,14 @@ def main() -> None:
     p.add_argument("--out", default="codec-out")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--reuse-fp16", action="store_true", help="keep complete fp16 stores (and the teacher) already in --out")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.what == "options":
         res = options(args.rows)
         print_options(res)
     else:
-        res = mnist1d(Path(args.out), args.seeds, args.epochs)
+        res = mnist1d(Path(args.out), args.seeds, args.epochs, args.reuse_fp16)
         print_mnist1d(res)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.what}.json").write_text(json.dumps(res, indent=2, default=str))

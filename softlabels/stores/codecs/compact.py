@@ -5,13 +5,15 @@ What the fp16 codec stores as ``topk_values`` / ``topk_indices`` / ``logsumexp``
 
 - ``compact/indices [N, V, k]`` uint8 (C <= 256) or uint16: the top-k classes in value order;
   view ``v > 0`` holds ``(id_v - id_0) mod C`` (0 wherever a view agrees with view 0);
-- ``compact/logp_gaps [N, V, k]`` uint8: ``q_r - q_{r-1}`` (``q_{-1} = 0``) with
-  ``q_r = min(255, round((v_0 - v_r) / logp_step))``, the rank-r log-probability below the row's
-  top-1 in steps of ``logp_step`` nats; ``q_0 = 0``, so column 0 is always 0;
+- ``compact/logp_gaps [N, V, k]`` uint16: ``q_r - q_{r-1}`` (``q_{-1} = 0``) with
+  ``q_r = round((v_0 - v_r) / logp_step)``, the rank-r log-probability below the row's top-1 in
+  steps of ``logp_step`` nats; ``q_0 = 0``, so column 0 is always 0 (uint16, not uint8: a
+  confident teacher's ranks sit 30-100 nats apart, which matters at T = 8; the high bytes are
+  nearly all 0 and cost nothing after bitshuffle);
 - ``compact/tail [N, V, len(tail_temperatures)]`` uint8: the teacher's probability mass outside
   the top-k at each temperature, as log-odds: ``min(255, max(0, round(logit(m_T) /
   tail_step) + 128))`` (absent when k = C: the tail is empty);
-- ``compact/label_gap [N, V]`` uint8: ``min(255, round((v_0 - label_logit) / logp_step))``.
+- ``compact/label_gap [N, V]`` uint16: ``min(65535, round((v_0 - label_logit) / logp_step))``.
 
 Decoding (exact formula, :func:`decode`) gives back the fields the losses read, normalised as
 in the fp16 codec: every decoded row is a distribution whose top-k mass at each stored T is
@@ -44,6 +46,8 @@ FIELDS = (TOPK_VALUES, TOPK_INDICES, LOGSUMEXP, LABEL_LOGIT)
 DEFAULT_LOGP_STEP = 0.125
 DEFAULT_TAIL_STEP = 0.125
 TAIL_OFFSET = 128
+MAX_GAP = 65_535  # uint16 gaps: 8,191 nats at logp_step 0.125
+_TABLE = 4096
 MAX_CLASSES = 65_536
 
 _NEEDS = {
@@ -94,12 +98,12 @@ class CompactCodec:
         """``(name, dimension_names, per-view shape, dtype)`` of each stored array, in canonical order."""
         out = [
             (INDICES, ("sample", "view", "rank"), (self.k,), self.index_dtype),
-            (LOGP_GAPS, ("sample", "view", "rank"), (self.k,), "uint8"),
+            (LOGP_GAPS, ("sample", "view", "rank"), (self.k,), "uint16"),
         ]
         if self.has_tail:
             out.append((TAIL, ("sample", "view", "temperature"), (len(self.tail_temperatures),), "uint8"))
         if labeled:
-            out.append((LABEL_GAP, ("sample", "view"), (), "uint8"))
+            out.append((LABEL_GAP, ("sample", "view"), (), "uint16"))
         return out
 
     def needs(self, fields: Sequence[str]) -> list[str]:
@@ -135,13 +139,13 @@ class CompactCodec:
         idx = np.asarray(fields[TOPK_INDICES]).astype(np.int64)
         lse = np.asarray(fields[LOGSUMEXP], dtype=np.float64)
         top = v[..., :1]
-        q = _quantise(top - v, self.logp_step)
+        q = _quantise(top - v, self.logp_step, MAX_GAP * self.k)
         q = np.where((v < top) & (q == 0), 1, q)  # keep the top-1 strictly on top: top-1 agreement is exact
         q = np.maximum.accumulate(q, axis=-1)  # descending values: already monotone, made sure
-        gaps = np.diff(q, axis=-1, prepend=0)
+        gaps = np.minimum(np.diff(q, axis=-1, prepend=0), MAX_GAP)  # one gap past 8,191 nats: clipped
         rel = idx.copy()
         rel[:, 1:] = (idx[:, 1:] - idx[:, :1]) % self.num_classes
-        out = {INDICES: rel.astype(self.index_dtype), LOGP_GAPS: gaps.astype(np.uint8)}
+        out = {INDICES: rel.astype(self.index_dtype), LOGP_GAPS: gaps.astype(np.uint16)}
         if self.has_tail:
             cols = []
             for t in self.tail_temperatures:
@@ -154,7 +158,7 @@ class CompactCodec:
             out[TAIL] = np.stack(cols, axis=-1).astype(np.uint8)
         if LABEL_LOGIT in fields:
             ll = np.asarray(fields[LABEL_LOGIT], dtype=np.float64)
-            out[LABEL_GAP] = _quantise(top[..., 0] - ll, self.logp_step).astype(np.uint8)
+            out[LABEL_GAP] = _quantise(top[..., 0] - ll, self.logp_step, MAX_GAP).astype(np.uint16)
         return out
 
     def decode(self, raw: Mapping[str, np.ndarray], fields: Sequence[str]) -> dict[str, np.ndarray]:
@@ -168,29 +172,32 @@ class CompactCodec:
             out[TOPK_INDICES] = ids.astype(np.uint16)
         if not {TOPK_VALUES, LOGSUMEXP, LABEL_LOGIT} & set(fields):
             return out
-        q = np.cumsum(raw[LOGP_GAPS], axis=-1, dtype=np.int64)  # (v_0 - v_r) / logp_step, 0..255; q_0 = 0
+        q = np.cumsum(raw[LOGP_GAPS], axis=-1, dtype=np.int64)  # (v_0 - v_r) / logp_step >= 0; q_0 = 0
         tail = self.tail_masses(raw[TAIL]) if self.has_tail else None
         m1 = tail[..., self.tail_temperatures.index(1.0)] if tail is not None else 0.0
         # log Σ_r exp(-d_r / T) with d = logp_step * q: q_0 = 0, so the sum is >= 1 and needs no max shift
-        top = np.log1p(-m1) - np.log(self._exp_table(1.0)[q].sum(-1))  # v_0: the top-k mass at T = 1 is 1 - m_1
+        top = np.log1p(-m1) - np.log(self._exp(q, 1.0).sum(-1))  # v_0: the top-k mass at T = 1 is 1 - m_1
         if TOPK_VALUES in fields:
             out[TOPK_VALUES] = (top[..., None] - q * self.logp_step).astype(np.float32)
         if LOGSUMEXP in fields:
             cols = []
             for t in self.temperatures:
                 m = tail[..., self.tail_temperatures.index(t)] if tail is not None else 0.0
-                cols.append(top / t + np.log(self._exp_table(t)[q].sum(-1)) - np.log1p(-m))
+                cols.append(top / t + np.log(self._exp(q, t).sum(-1)) - np.log1p(-m))
             out[LOGSUMEXP] = np.stack(cols, axis=-1).astype(np.float32)
         if LABEL_LOGIT in fields:
             out[LABEL_LOGIT] = (top - raw[LABEL_GAP].astype(np.float64) * self.logp_step).astype(np.float32)
         return out
 
-    def _exp_table(self, t: float) -> np.ndarray:
-        """``exp(-logp_step * q / t)`` for q = 0..255 (the decoder's only transcendental per rank)."""
+    def _exp(self, q: np.ndarray, t: float) -> np.ndarray:
+        """``exp(-logp_step * q / t)``: a table lookup for the usual q < 4,096 (the decoder's
+        only transcendental per rank), computed for rows reaching further."""
         tables = self.__dict__.setdefault("_tables", {})  # frozen dataclass: a cache outside the fields
         if t not in tables:
-            tables[t] = np.exp(-self.logp_step * np.arange(256) / t)
-        return tables[t]
+            tables[t] = np.exp(-self.logp_step * np.arange(_TABLE) / t)
+        if q.size and q.max() >= _TABLE:
+            return np.exp(-self.logp_step / t * q)
+        return tables[t][q]
 
     def tail_masses(self, codes: np.ndarray) -> np.ndarray:
         """``compact/tail`` codes -> tail masses ``m_T = sigmoid(tail_step * (code - 128))``."""
@@ -231,8 +238,8 @@ def _topk_target(f: Mapping[str, np.ndarray], j: int, t: float, num_classes: int
     return lp, np.maximum(1.0 - total, 0.0)
 
 
-def _quantise(x: np.ndarray, step: float) -> np.ndarray:
-    return np.clip(np.round(np.maximum(x, 0.0) / step), 0, 255).astype(np.int64)
+def _quantise(x: np.ndarray, step: float, top: int) -> np.ndarray:
+    return np.clip(np.round(np.maximum(x, 0.0) / step), 0, top).astype(np.int64)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
