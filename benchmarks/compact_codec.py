@@ -108,8 +108,9 @@ def options(rows: int) -> dict:
                 continue
             q = np.cumsum(raw["compact/logp_gaps"][:, 0], axis=1)
             candidates[f"values step {step}: q (descending log-prob below top-1), uint8"] = q[:, 1:].astype(np.uint8)
-            candidates[f"values step {step}: gaps q[r] - q[r-1], uint8"] = raw["compact/logp_gaps"][:, 0]
-            candidates[f"label logit step {step}: label_gap, uint8"] = raw["compact/label_gap"][:, 0]
+            candidates[f"values step {step}: gaps q[r] - q[r-1], uint16 (stored)"] = raw["compact/logp_gaps"][:, 0]
+            candidates[f"values step {step}: gaps q[r] - q[r-1], as uint8"] = raw["compact/logp_gaps"][:, 0].astype(np.uint8)
+            candidates[f"label logit step {step}: label_gap, uint16"] = raw["compact/label_gap"][:, 0]
         codec = CompactCodec(1000, 10, TEMPS)
     raw = codec.encode(fields)
     candidates["tail log-odds step 0.125, [n, 4] uint8"] = raw["compact/tail"][:, 0]
