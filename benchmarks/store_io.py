@@ -5,7 +5,7 @@
 
 Teacher-like logits: z = 2·N(0,1) + 6·onehot(y) per row (a confident teacher, ~88 % top-1 mass
 at T=1), C=1000, normalised and top-k'd exactly as the dump does. All timings in one process,
-side by side, so ratios are meaningful on a noisy machine. With both codecs, it also reports the
+side by side (random reads interleaved across codecs), so ratios are meaningful on a noisy machine. With both codecs, it also reports the
 compact codec's fidelity: per stored T the mean and max per-row KL(fp16 targets || compact
 targets) of the KD-topk target the losses build, and the top-1 agreement.
 """
@@ -80,17 +80,6 @@ def bench_layout(root: Path, rows: int, classes: int, k: int, shard: int, chunk:
 
     rng = np.random.default_rng(0)
     idx_batches = [rng.integers(0, rows, 256) for _ in range(batches)]
-    cold = open_store(path)  # fresh handle: the timed loop includes decoding every chunk once
-    t0 = time.perf_counter()
-    for idx in idx_batches:
-        cold.read(idx, FIELDS, view=0, temperature=4.0)
-    store_s = time.perf_counter() - t0
-
-    warm = open_store(path).preload(FIELDS)
-    t0 = time.perf_counter()
-    for idx in idx_batches:
-        warm.read(idx, FIELDS, view=0, temperature=4.0)
-    mem_s = time.perf_counter() - t0
 
     # Larger-than-cache stores: an LRU of decoded chunks holding ~1/4 of the decoded store.
     quarter = int(0.25 * rows * 64)
@@ -125,14 +114,31 @@ def bench_layout(root: Path, rows: int, classes: int, k: int, shard: int, chunk:
         "rows": rows,
         "bulk_write_rows_per_s": rows / write_s,
         "bulk_read_rows_per_s": rows / bulk_read_s,
-        "random_batch_store_rows_per_s": n_read / store_s,
-        "random_batch_memory_rows_per_s": n_read / mem_s,
         "random_batch_quarter_cache_rows_per_s": len(few) * 256 / small_s,
         "chunk_shuffle_quarter_cache_rows_per_s": order.size / chunked_s,
         "random_batch_naive_zarr_rows_per_s": len(naive_batches) * 256 / naive_s,
         "bytes_per_row": total / rows,
         "bytes_per_row_by_array": per_array,
     }
+
+
+def interleaved_random_reads(paths: dict[str, str], rows: int, batches: int, rounds: int = 10) -> dict:
+    """Random batches of 256 rows, from the store (a fresh handle: includes decoding every chunk
+    once) and preloaded in memory, for every codec in alternation (``rounds`` slices of the
+    batches each), so that the machine's load hits every codec alike."""
+    rng = np.random.default_rng(0)
+    idx_batches = [rng.integers(0, rows, 256) for _ in range(batches)]
+    handles = {c: {"store": open_store(p), "memory": open_store(p).preload(FIELDS)} for c, p in paths.items()}
+    seconds = {c: {"store": 0.0, "memory": 0.0} for c in paths}
+    for r in range(rounds):
+        part = idx_batches[r::rounds]
+        for mode in ("store", "memory"):
+            for codec, h in handles.items():
+                t0 = time.perf_counter()
+                for idx in part:
+                    h[mode].read(idx, FIELDS, view=0, temperature=4.0)
+                seconds[codec][mode] += time.perf_counter() - t0
+    return {c: {f"random_batch_{m}_rows_per_s": batches * 256 / s for m, s in per.items()} for c, per in seconds.items()}
 
 
 def fidelity(reference: str, compact: str, classes: int) -> dict:
@@ -171,6 +177,9 @@ def main() -> None:
             shard, chunk = (int(x) for x in layout.split("/"))
             for codec in codecs:
                 results.append(bench_layout(Path(tmp), args.rows, args.classes, args.k, shard, chunk, args.batches, codec))
+            rates = interleaved_random_reads({r["codec"]: r["path"] for r in results[-len(codecs):]}, args.rows, args.batches)
+            for r in results[-len(codecs):]:
+                r.update(rates[r["codec"]])
             if {"fp16", "compact"} <= set(codecs):
                 paths = {r["codec"]: r["path"] for r in results[-len(codecs):]}
                 fid[layout] = fidelity(paths["fp16"], paths["compact"], args.classes)

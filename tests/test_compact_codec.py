@@ -104,6 +104,8 @@ def test_compact_targets_are_close_to_fp16_and_the_recorded_fidelity_is_right(st
     assert 0 < rec["kl"]["2"]["mean"] < 1e-3 and rec["kl"]["2"]["mean"] <= rec["kl"]["2"]["max"]
     per_unit = compact.array(fmt.UNITS_CODEC_FIDELITY)[...]
     assert per_unit.shape == (3, 2, 4) and per_unit[:, :, 2].sum(0).tolist() == [N * V, N * V]
+    small = open_store(stores[1], cache_bytes=4096).read(np.arange(N))  # too big to decode whole: per batch
+    assert all(np.array_equal(small[n], b[n]) for n in b)
     preloaded = open_store(stores[1]).preload()  # decoded once into memory: the same rows
     c = preloaded.read(np.arange(N))
     assert all(np.array_equal(c[n], b[n]) for n in b)

@@ -287,10 +287,28 @@ class SoftLabelStore:
         return out
 
     def _gather_decoded(self, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Compact fields: their coded rows (cached like any array), decoded together."""
-        codec = self._codec
-        raw = {a: self._gather(a, idx) for a in codec.needs(names)}
-        return codec.decode(raw, names)
+        """Compact fields. Like :meth:`_dense`: when the decoded fields fit a quarter of the
+        cache, each chunk is decoded once into full-size buffers and a batch is a row gather;
+        otherwise the batch's coded rows (cached like any array) are decoded together."""
+        codec, rows = self._codec, self.schema.rows_per_chunk
+        specs = {s.name: s for s in self.schema.fields()}
+        nbytes = sum(int(np.prod(specs[n].shape)) * np.dtype(specs[n].dtype).itemsize for n in _CODEC_FIELDS if n in specs)
+        if nbytes * 4 > self.cache_bytes:
+            raw = {a: self._gather(a, idx) for a in codec.needs(names)}
+            return codec.decode(raw, names)
+        n_chunks = -(-self.num_samples // rows)
+        for name in names:
+            if name not in self._lazy:
+                self._lazy[name] = (np.empty(specs[name].shape, specs[name].dtype), np.zeros(n_chunks, dtype=bool))
+        chunks = np.unique(idx // rows)
+        todo = chunks[~np.logical_and.reduce([self._lazy[n][1][chunks] for n in names])]
+        for chunk in todo:
+            lo, hi = int(chunk) * rows, min((int(chunk) + 1) * rows, self.num_samples)
+            raw = {a: self.array(a)[lo:hi] for a in codec.needs(names)}
+            for name, block in codec.decode(raw, names).items():
+                self._lazy[name][0][lo:hi] = block
+                self._lazy[name][1][chunk] = True
+        return {name: self._lazy[name][0][idx] for name in names}
 
     def read(
         self,
