@@ -179,13 +179,3 @@ def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, 
     if failure:
         raise UnitFailed(f"{failure}; completed units are recorded, fix the cause and rerun with --resume")
 
-
-def kill_actor_process(actor) -> int:
-    """Test helper: SIGKILL the process of a live actor (a real crash, not a mock)."""
-    import signal
-
-    import ray
-
-    pid = ray.get(actor.pid.remote())
-    os.kill(pid, signal.SIGKILL)
-    return pid

@@ -14,6 +14,18 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import InvalidTargetsError
+# The per-sample field names live in softlabels.fields (the one list); re-exported here.
+from softlabels.fields import (
+    AUGMENT_PREFIX,
+    FEATURES_PREFIX,
+    FIELDS,
+    LABEL_LOGIT,
+    LABELS,
+    LOGSUMEXP,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    check_k_range,
+)
 
 FORMAT_NAME = "softlabels"
 FORMAT_VERSION = "1.2"  # 1.1: metadata_sha256, label_in_topk, augment/<param>; 1.2: the compact target codec
@@ -23,13 +35,6 @@ MIN_READER_KEY = "min_reader_version"
 COMPACT_MIN_READER = "1.2"
 ATTRS_KEY = "softlabels"
 
-TOPK_VALUES = "topk_values"
-TOPK_INDICES = "topk_indices"
-LOGSUMEXP = "logsumexp"
-LABEL_LOGIT = "label_logit"
-LABELS = "labels"
-FEATURES_PREFIX = "features/"
-AUGMENT_PREFIX = "augment/"
 AUGMENT_DTYPES = ("uint8", "int16", "int32")
 CLASSIFIER_WEIGHT = "teacher/classifier_weight"
 CLASSIFIER_BIAS = "teacher/classifier_bias"
@@ -39,6 +44,7 @@ UNITS_CODEC_FIDELITY = "units/codec_fidelity"
 CODEC_FIDELITY_COLUMNS = ("kl_sum", "kl_max", "rows", "top1_agree")
 
 VALUE_DTYPES = ("float16", "float32")
+CODEC_FIELDS = (TOPK_VALUES, TOPK_INDICES, LOGSUMEXP, LABEL_LOGIT)  # what the compact codec encodes
 COMPACT_LOGP_GAPS = "compact/logp_gaps"
 COMPACT_LABEL_GAP = "compact/label_gap"
 COMPACT_VALUE_DTYPE = "uint8"  # schema.value_dtype of compact stores: the values are stored as uint8 codes
@@ -112,11 +118,7 @@ class StoreSchema:
             raise InvalidTargetsError(f"a store needs at least one sample, got num_samples={self.num_samples}")
         if self.num_classes < 2:
             raise InvalidTargetsError(f"a classifier needs at least 2 classes, got num_classes={self.num_classes}")
-        if not 1 <= self.k <= self.num_classes:
-            raise InvalidTargetsError(
-                f"k={self.k} is outside 1..{self.num_classes} (the teacher has {self.num_classes} "
-                f"classes); pass --k between 1 and {self.num_classes}"
-            )
+        check_k_range(self.k, self.num_classes)
         temps = tuple(float(t) for t in self.temperatures)
         if not temps or any(not math.isfinite(t) or t <= 0 for t in temps):
             raise InvalidTargetsError(f"temperatures must be positive numbers, got {list(self.temperatures)}")
@@ -207,19 +209,15 @@ class StoreSchema:
                 per_sample=True,
             )
 
+        dtypes = {"value": self.value_dtype, "index": self.index_dtype}
+        fields = [f for f in FIELDS if self.labeled or not f.labeled_only]
         compact = self.compact
-        if compact is None:
-            specs = [
-                spec(TOPK_VALUES, (v, self.k), self.value_dtype),
-                spec(TOPK_INDICES, (v, self.k), self.index_dtype),
-                spec(LOGSUMEXP, (v, len(self.temperatures)), "float32"),
-            ]
-            if self.labeled:
-                specs.append(spec(LABEL_LOGIT, (v,), self.value_dtype))
-        else:
+        if compact is not None:  # the codec's arrays stand in for the top-k fields (docs/FORMAT.md §8)
             specs = [spec(name, (v, *tail), dtype) for name, _, tail, dtype in compact.arrays(self.labeled)]
-        if self.labeled:
-            specs.append(spec(LABELS, (), "int32"))
+            fields = [f for f in fields if f.name not in CODEC_FIELDS]
+        else:
+            specs = []
+        specs += [spec(f.name, f.shape(v, self.k, len(self.temperatures)), dtypes.get(f.dtype, f.dtype)) for f in fields]
         for name, dim in self.features:
             specs.append(spec(FEATURES_PREFIX + name, (v, dim), FEATURE_DTYPE))
         for name, aug in dict((self.augmentation or {}).get("arrays", {})).items():
@@ -234,11 +232,12 @@ class StoreSchema:
         if self.codec is None:
             return stored
         n, v, rows, shard = self.num_samples, self.views, self.rows_per_chunk, self.rows_per_shard
-        decoded = [(TOPK_VALUES, (v, self.k), "float32"), (TOPK_INDICES, (v, self.k), "uint16"),
-                   (LOGSUMEXP, (v, len(self.temperatures)), "float32")]
-        if self.labeled:
-            decoded.append((LABEL_LOGIT, (v,), "float32"))
-        specs = [ArraySpec(name, (n, *tail), dtype, (rows, *tail), (shard, *tail), True) for name, tail, dtype in decoded]
+        dtypes = {"value": "float32", "index": "uint16"}  # what the compact decoder returns
+        specs = []
+        for f in FIELDS:
+            if f.name in CODEC_FIELDS and (self.labeled or not f.labeled_only):
+                tail = f.shape(v, self.k, len(self.temperatures))
+                specs.append(ArraySpec(f.name, (n, *tail), dtypes.get(f.dtype, f.dtype), (rows, *tail), (shard, *tail), True))
         return specs + [s for s in stored if not s.name.startswith("compact/")]
 
     def logical_bytes_per_sample(self) -> int:

@@ -96,17 +96,22 @@ class SoftLabelStore:
                 f"{loc}: the softlabels metadata in its zarr.json is damaged ({type(exc).__name__}: {exc}); "
                 f"run `softlabels verify {loc}`"
             ) from None
-        if self.meta.status != "complete" and not self.allow_incomplete:
-            raise IncompleteStoreError(
-                f"{loc} is incomplete (status '{self.meta.status}'); finish it with "
-                "`softlabels dump ... --resume` before training from it"
-            )
+        if not self.allow_incomplete:
+            self.check_complete()
         self._arrays: dict[str, zarr.Array] = {}
         self._memory: dict[str, np.ndarray] = {}
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cache_used = 0
         self._lazy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._codec = self.schema.compact  # None for fp16 stores
+
+    def check_complete(self) -> None:
+        """Refuse a store whose dump has not finished (the one "store is incomplete" check)."""
+        if self.meta.status != "complete":
+            raise IncompleteStoreError(
+                f"{self.location} is incomplete (status '{self.meta.status}'); finish it with "
+                "`softlabels dump ... --resume` before training from it"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         return {

@@ -31,18 +31,23 @@ from softlabels.errors import (
     SchemaMismatchError,
     StoreExistsError,
 )
+from softlabels.fields import dimension_names
 from softlabels.stores import format as fmt
 from softlabels.stores.codecs import compact_store
 from softlabels.stores.location import bytes_on_disk, location_exists, open_zarr_store, remove_location
 from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, read_metadata, read_metadata_documents
 
-_DIMENSION_NAMES = {
-    fmt.TOPK_VALUES: ("sample", "view", "rank"),
-    fmt.TOPK_INDICES: ("sample", "view", "rank"),
-    fmt.LOGSUMEXP: ("sample", "view", "temperature"),
-    fmt.LABEL_LOGIT: ("sample", "view"),
-    fmt.LABELS: ("sample",),
-}
+
+
+def check_create_mode(location: str, *, resume: bool, overwrite: bool, storage_options: dict | None = None) -> bool:
+    """The one resume/overwrite rule: not both; an existing location needs one of them.
+    Returns whether the location exists."""
+    if resume and overwrite:
+        raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
+    exists = location_exists(location, storage_options)
+    if exists and not (resume or overwrite):
+        raise StoreExistsError(f"{location} already exists; pass --resume to continue it or --overwrite to replace it")
+    return exists
 
 
 def _now() -> str:
@@ -89,9 +94,7 @@ class StoreWriter:
         something that is a softlabels store.
         """
         loc = str(location)
-        if resume and overwrite:
-            raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
-        exists = location_exists(loc, storage_options)
+        exists = check_create_mode(loc, resume=resume, overwrite=overwrite, storage_options=storage_options)
         if exists and resume:
             writer = cls(loc, storage_options=storage_options)
             diffs = writer.schema.differences(schema)
@@ -103,11 +106,7 @@ class StoreWriter:
                 )
             writer._ensure_arrays(classifier_weight, classifier_bias)
             return writer
-        if exists and not overwrite:
-            raise StoreExistsError(
-                f"{loc} already exists; pass --resume to continue it or --overwrite to replace it"
-            )
-        if exists and overwrite:
+        if exists:  # and overwrite (check_create_mode refused the rest)
             _check_is_store_before_delete(loc, storage_options)
             remove_location(loc, storage_options)
         _check_constants(schema, classifier_weight, classifier_bias)
@@ -332,7 +331,7 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
 def _dimension_names(schema: fmt.StoreSchema, name: str) -> tuple[str, ...] | None:
     if schema.codec is not None and name.startswith("compact/"):
         return next(dims for n, dims, _, _ in schema.compact.arrays(schema.labeled) if n == name)
-    return _DIMENSION_NAMES.get(name)
+    return dimension_names(name)
 
 
 def _walk_arrays(group: zarr.Group, prefix: str = "") -> list[str]:
