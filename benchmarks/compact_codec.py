@@ -164,15 +164,16 @@ def view_options(path: Path) -> dict:
     gaps = raw["compact/logp_gaps"].astype(np.int64)
     c = store.num_classes
     cands = {
-        "indices, every view absolute": ids.astype(np.uint8),
-        "indices, views > 0 as (id_v - id_0) mod C (chosen)": raw["compact/indices"],
+        "indices, every view absolute (chosen)": raw["compact/indices"],
+        "indices, views > 0 as (id_v - id_0) mod C": np.concatenate(
+            [ids[:, :1], (ids[:, 1:] - ids[:, :1]) % c], axis=1).astype(raw["compact/indices"].dtype),
         "logp_gaps, every view its own (chosen)": raw["compact/logp_gaps"],
-        "logp_gaps, views > 0 as (g_v - g_0) mod 256": np.concatenate(
-            [gaps[:, :1], (gaps[:, 1:] - gaps[:, :1]) % 256], axis=1).astype(np.uint8),
+        "logp_gaps, views > 0 as (g_v - g_0) mod 65536": np.concatenate(
+            [gaps[:, :1], (gaps[:, 1:] - gaps[:, :1]) % 65536], axis=1).astype(np.uint16),
         "label_gap": raw["compact/label_gap"],
     }
-    del c
-    return {name: dict(zip(("best", "bytes_per_row"), best(arr)[:2])) for name, arr in cands.items()}
+    return {name: {"best": b[0], "bytes_per_row": b[1], "blosc-none": b[2]["blosc-none"]}
+            for name, arr in cands.items() for b in [best(arr)]}
 
 
 def _train_one(job: tuple) -> dict:

@@ -46,9 +46,7 @@ def _decode_by_the_formula(path):
 
     codec = json.loads((path / "zarr.json").read_text())["attributes"]["softlabels"]["schema"]["codec"]
     step, tstep, off, temps_t = codec["logp_step"], codec["tail_step"], codec["tail_offset"], codec["tail_temperatures"]
-    ind = read("compact/indices").astype(np.int64)
-    ids = ind.copy()
-    ids[:, 1:] = (ind[:, :1] + ind[:, 1:]) % C
+    ids = read("compact/indices")
     d = step * np.cumsum(read("compact/logp_gaps").astype(np.float64), axis=-1)
     m = 1.0 / (1.0 + np.exp(-tstep * (read("compact/tail").astype(np.float64) - off)))
     top = np.log(1.0 - m[..., temps_t.index(1.0)]) - np.log(np.exp(-d).sum(-1))

@@ -3,8 +3,8 @@
 What the fp16 codec stores as ``topk_values`` / ``topk_indices`` / ``logsumexp`` /
 ``label_logit`` this codec stores as four plain uint8/uint16 Zarr arrays (docs/FORMAT.md §8):
 
-- ``compact/indices [N, V, k]`` uint8 (C <= 256) or uint16: the top-k classes in value order;
-  view ``v > 0`` holds ``(id_v - id_0) mod C`` (0 wherever a view agrees with view 0);
+- ``compact/indices [N, V, k]`` uint8 (C <= 256) or uint16: the top-k classes in value order
+  (coding views > 0 relative to view 0 was measured and cost more: BENCHMARKS.md);
 - ``compact/logp_gaps [N, V, k]`` uint16: ``q_r - q_{r-1}`` (``q_{-1} = 0``) with
   ``q_r = round((v_0 - v_r) / logp_step)``, the rank-r log-probability below the row's top-1 in
   steps of ``logp_step`` nats; ``q_0 = 0``, so column 0 is always 0 (uint16, not uint8: a
@@ -120,7 +120,7 @@ class CompactCodec:
         return {
             "name": NAME, "version": VERSION, "logp_step": self.logp_step, "tail_step": self.tail_step,
             "tail_offset": TAIL_OFFSET, "tail_temperatures": list(self.tail_temperatures),
-            "index_dtype": self.index_dtype, "indices_relative_to_view0": True,
+            "index_dtype": self.index_dtype,
         }
 
     @classmethod
@@ -143,9 +143,7 @@ class CompactCodec:
         q = np.where((v < top) & (q == 0), 1, q)  # keep the top-1 strictly on top: top-1 agreement is exact
         q = np.maximum.accumulate(q, axis=-1)  # descending values: already monotone, made sure
         gaps = np.minimum(np.diff(q, axis=-1, prepend=0), MAX_GAP)  # one gap past 8,191 nats: clipped
-        rel = idx.copy()
-        rel[:, 1:] = (idx[:, 1:] - idx[:, :1]) % self.num_classes
-        out = {INDICES: rel.astype(self.index_dtype), LOGP_GAPS: gaps.astype(np.uint16)}
+        out = {INDICES: idx.astype(self.index_dtype), LOGP_GAPS: gaps.astype(np.uint16)}
         if self.has_tail:
             cols = []
             for t in self.tail_temperatures:
@@ -166,10 +164,7 @@ class CompactCodec:
         ``label_logit``, ``logsumexp`` float32, ``topk_indices`` uint16."""
         out: dict[str, np.ndarray] = {}
         if TOPK_INDICES in fields:
-            rel = raw[INDICES].astype(np.int64)
-            ids = rel.copy()
-            ids[:, 1:] = (rel[:, 1:] + rel[:, :1]) % self.num_classes
-            out[TOPK_INDICES] = ids.astype(np.uint16)
+            out[TOPK_INDICES] = raw[INDICES].astype(np.uint16)
         if not {TOPK_VALUES, LOGSUMEXP, LABEL_LOGIT} & set(fields):
             return out
         q = np.cumsum(raw[LOGP_GAPS], axis=-1, dtype=np.int64)  # (v_0 - v_r) / logp_step >= 0; q_0 = 0
