@@ -37,11 +37,11 @@ def _root(
 
 
 def _register() -> None:
-    from softlabels.cli import copy, dump, store_commands, teacher, train
+    from softlabels.cli import copy, dump, report, store_commands, teacher, train
 
     store_commands.register(app)
     app.add_typer(teacher.teacher_app, name="teacher")
-    for module in (dump, train, copy):
+    for module in (dump, train, copy, report):
         module.register(app)
 
 

@@ -58,8 +58,8 @@ def fit(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="File to write the trained state_dict to (e.g. teacher.pt)."),
     arch: str = typer.Option(
-        "cnn", "--arch", "-a", help="Built-in architecture (cnn, mlp, resmlp, linear) or a teacher spec "
-        "(torchvision:resnet18, package.module:factory)."
+        "cnn", "--arch", "-a", help="Built-in architecture (cnn, mlp, resmlp, linear, tangmlp-<W>, resnet20, "
+        "resnet56) or a teacher spec (torchvision:resnet18, package.module:factory)."
     ),
     epochs: int = typer.Option(DEFAULT_EPOCHS, "--epochs", min=1, help="Training epochs."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and shuffling (CPU runs are reproducible)."),
