@@ -64,8 +64,14 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(None, help="Top-k logits to keep per sample. [default: min(10, classes)]", rich_help_panel=TARGETS),
         temperatures: str = typer.Option("1,2,4,8", help="Temperatures whose log-normalisers are stored (exact targets at each).",
                                          rich_help_panel=TARGETS),
+        codec: str = typer.Option(
+            "fp16", "--codec",
+            help="Target codec: fp16 (top-k logits as --value-dtype floats) or compact (~1 byte per stored number: "
+            "quantised log-probabilities, 8-bit tail masses; format 1.2, see docs/FORMAT.md 'Compact codec').",
+            rich_help_panel=TARGETS,
+        ),
         value_dtype: str = typer.Option(
-            "float16", help="Storage dtype of logits: float16 (log-probabilities below -65504 are stored as -65504, "
+            "float16", help="Storage dtype of logits with --codec fp16: float16 (log-probabilities below -65504 are stored as -65504, "
             "probability 0 either way; see docs/FORMAT.md) or float32.", rich_help_panel=TARGETS,
         ),
         workers: int = typer.Option(None, help="CPU Ray workers (default: one per GPU, or 1 without GPUs).", rich_help_panel=WORKERS),
@@ -94,13 +100,17 @@ def register(app: typer.Typer) -> None:
             raise SoftlabelsError(f"--workers must be at least 1, got {workers}")
         if value_dtype not in VALUE_DTYPES:
             raise SoftlabelsError(f"--value-dtype must be {' or '.join(VALUE_DTYPES)}, got {value_dtype!r}")
+        if codec not in ("fp16", "compact"):
+            raise SoftlabelsError(f"--codec must be fp16 or compact, got {codec!r}")
+        if codec == "compact" and value_dtype != VALUE_DTYPES[0]:
+            raise SoftlabelsError("--value-dtype applies to --codec fp16 only; the compact codec stores uint8 codes")
         from softlabels.pipelines.dump import check_views
 
         check_views(views, augment)
         layers = () if no_features else tuple(feature_layer or (PENULTIMATE,))
         config = DumpConfig(
             teacher=teacher, dataset=dataset, out=out, weights=weights, split=split, k=k,
-            temperatures=parse_temperatures(temperatures), feature_layers=layers, value_dtype=value_dtype,
+            temperatures=parse_temperatures(temperatures), feature_layers=layers, value_dtype=value_dtype, codec=codec,
             batch_size=batch_size, loader_workers=loader_workers, views=views, augment=augment,
             augment_seed=augment_seed, storage_options=parse_storage_options(storage_option),
         )

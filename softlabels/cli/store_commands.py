@@ -34,6 +34,8 @@ def store_info(location: str, storage_options: dict | None = None) -> dict[str, 
         "temperatures": list(s.temperatures),
         "views": s.views,
         "labeled": s.labeled,
+        "codec": s.codec_name,
+        "codec_params": s.codec,
         "value_dtype": s.value_dtype,
         "index_dtype": s.index_dtype,
         "features": dict(s.features),
@@ -78,6 +80,11 @@ def fidelity_rows(summary: dict[str, Any] | None, labeled: bool, k: int) -> list
             else:
                 text = f"{value:.4f}"
             rows.append((label + suffix, text))
+    codec = summary.get("codec_fidelity")
+    if codec:  # the compact codec's own error, measured by the writer (FORMAT.md §8)
+        for t, kl in codec["kl"].items():
+            rows.append((f"codec KL T={t}", f"mean {kl['mean']:.2e}, max {kl['max']:.2e} (vs the dump's float32 targets)"))
+        rows.append(("codec top-1 agreement", f"{100 * codec['top1_agreement']:.3f} %"))
     return rows
 
 
@@ -103,7 +110,12 @@ def register(app: typer.Typer) -> None:
         table.add_row("classes / k", f"{data['num_classes']:,} / {data['k']}")
         table.add_row("temperatures", ", ".join(f"{t:g}" for t in data["temperatures"]))
         table.add_row("labels", "yes" if data["labeled"] else "no (transfer set)")
-        table.add_row("dtypes", f"values {data['value_dtype']}, indices {data['index_dtype']}")
+        params = data["codec_params"]
+        if params:
+            table.add_row("codec", f"{data['codec']} (log-prob step {params['logp_step']:g} nats, tail log-odds step "
+                          f"{params['tail_step']:g}; uint8 values, {params['index_dtype']} indices)")
+        else:
+            table.add_row("codec", f"fp16 (values {data['value_dtype']}, indices {data['index_dtype']})")
         feats = ", ".join(f"{n} [{d}]" for n, d in data["features"].items()) or "none"
         table.add_row("features", feats)
         teacher = data["teacher"]

@@ -44,7 +44,7 @@ def _as_store(store: SoftLabelStore | str | None) -> SoftLabelStore | None:
 
 
 def _array_nbytes(store: SoftLabelStore, name: str) -> int:
-    spec = {s.name: s for s in store.schema.per_sample_arrays()}[name]
+    spec = {s.name: s for s in store.schema.fields()}[name]
     return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
 
 
@@ -171,7 +171,7 @@ class DistillDataset(torch.utils.data.Dataset):
     def _check_fields(self) -> None:
         store = self.store
         where = store.location
-        available = {s.name for s in store.schema.per_sample_arrays()}
+        available = {s.name for s in store.schema.fields()}
         for name in self.fields:
             if name in available:
                 continue
@@ -210,7 +210,7 @@ class DistillDataset(torch.utils.data.Dataset):
         elif force:
             chosen = feats
         for name in chosen:
-            self._ready[name] = self._batch_ready(name, self.store.array(name)[...])
+            self._ready[name] = self._batch_ready(name, self.store.load(name))
         self.preloaded = tuple(chosen)
 
     def _batch_ready(self, name: str, arr: np.ndarray) -> np.ndarray:

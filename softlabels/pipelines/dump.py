@@ -111,6 +111,7 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
         teacher=teacher_meta,
         dataset=dataset,
         augmentation=augmentation,
+        codec=None if config.codec == "fp16" else {"name": config.codec},
     )
     return schema, weight, bias
 

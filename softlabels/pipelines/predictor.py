@@ -38,6 +38,7 @@ class DumpConfig:
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     feature_layers: tuple[str, ...] = (PENULTIMATE,)
     value_dtype: str = "float16"
+    codec: str = "fp16"  # target codec: "fp16" (value_dtype floats) or "compact" (format 1.2, docs/FORMAT.md §8)
     batch_size: int = 256
     loader_workers: int = 1  # decoding processes per worker (file datasets; in-memory ones slice)
     threads_per_worker: int = 0

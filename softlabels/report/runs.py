@@ -17,8 +17,9 @@ import numpy as np
 
 from softlabels.errors import SoftlabelsError
 
-#: What makes two runs the same recipe when metrics.json has no ``recipe`` record. The seed and
-#: everything measured (accuracies, times, history, warnings) are left out.
+#: What makes two runs the same recipe, with metrics.json's ``recipe`` record (the optimiser,
+#: schedule, precision, transforms) where present. The seed and everything measured (accuracies,
+#: times, history, warnings) are left out.
 RECIPE_KEYS = ("method", "hparams", "temperature", "k", "epochs", "batch_size", "lr", "optimizer", "schedule",
                "views", "student_augment", "student", "dataset", "train_splits", "store_path")
 _NOT_RECIPE = {"seed", "resume"}
@@ -35,10 +36,11 @@ class Run:
 
     @property
     def recipe(self) -> dict[str, Any]:
-        recorded = self.metrics.get("recipe")
+        recipe = {key: self.metrics.get(key) for key in RECIPE_KEYS}
+        recorded = self.metrics.get("recipe")  # the optimisation recipe `softlabels train` records
         if isinstance(recorded, dict):
-            return {key: value for key, value in recorded.items() if key not in _NOT_RECIPE}
-        return {key: self.metrics.get(key) for key in RECIPE_KEYS}
+            recipe.update({key: value for key, value in recorded.items() if key not in _NOT_RECIPE})
+        return recipe
 
     @property
     def accuracy_curve(self) -> list[float] | None:

@@ -37,7 +37,22 @@ def read_metadata(group: zarr.Group, location: str, *, check_version: bool = Tru
             f"{location} uses softlabels store format {version}, newer than this reader's "
             f"{fmt.FORMAT_VERSION}; upgrade softlabels (pip install -U softlabels)"
         )
+    needs = meta.get(fmt.MIN_READER_KEY)
+    if check_version and needs is not None and _version(needs) > _version(fmt.FORMAT_VERSION):
+        codec = (meta.get("schema") or {}).get("codec") or {}
+        what = f" (target codec '{codec.get('name')}')" if codec else ""
+        raise UnsupportedFormatError(
+            f"{location} uses softlabels store format {version}{what}, which needs a reader of format {needs} or newer; "
+            f"this reader is {fmt.FORMAT_VERSION}: upgrade softlabels (pip install -U softlabels)"
+        )
     return meta
+
+
+def _version(text: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split("."))
+    except ValueError:
+        return (1 << 30,)  # unreadable: newer than anything this reader knows
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from softlabels.stores.location import bytes_on_disk, is_remote, location_exists
 from softlabels.stores.metadata import StoreMetadata, read_metadata
 
 DEFAULT_CACHE_BYTES = 1 << 30
+_CODEC_FIELDS = (fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP, fmt.LABEL_LOGIT)
 
 
 def open_store(
@@ -101,6 +102,7 @@ class SoftLabelStore:
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cache_used = 0
         self._lazy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._codec = self.schema.compact  # None for fp16 stores
 
     def check_complete(self) -> None:
         """Refuse a store whose dump has not finished (the one "store is incomplete" check)."""
@@ -185,15 +187,35 @@ class SoftLabelStore:
         return weight, bias
 
     # -- bulk ----------------------------------------------------------------------
+    def _default_fields(self) -> list[str]:
+        return [s.name for s in self.schema.fields() if not s.name.startswith(fmt.FEATURES_PREFIX)]
+
+    def _decoded(self, name: str) -> bool:
+        """Whether ``name`` is a field the compact codec decodes (not a stored array)."""
+        return self.schema.codec is not None and name in _CODEC_FIELDS
+
+    def load(self, name: str) -> np.ndarray:
+        """A whole per-sample field as readers see it (decoded for compact stores)."""
+        memory = self._memory.get(name)
+        if memory is not None:
+            return memory.copy()
+        if not self._decoded(name):
+            return self.array(name)[...]
+        codec, schema = self._codec, self.schema
+        parts = []
+        for unit in range(schema.num_units):  # bounded memory: one unit's coded rows at a time
+            start, stop = schema.unit_range(unit)
+            raw = {a: self.array(a)[start:stop] for a in codec.needs([name])}
+            parts.append(codec.decode(raw, [name])[name])
+        return np.concatenate(parts)
+
     def preload(self, fields: Iterable[str] | None = None) -> SoftLabelStore:
-        """Hold whole per-sample arrays in memory (bulk-read, millions of rows/s). Defaults to
-        every per-sample array except features."""
-        names = list(fields) if fields is not None else [
-            s.name for s in self.schema.per_sample_arrays() if not s.name.startswith(fmt.FEATURES_PREFIX)
-        ]
+        """Hold whole per-sample fields in memory (bulk-read, millions of rows/s; decoded once
+        for compact stores). Defaults to every per-sample field except features."""
+        names = list(fields) if fields is not None else self._default_fields()
         for name in names:
             if name not in self._memory:
-                self._memory[name] = _frozen(self.array(name)[...])
+                self._memory[name] = _frozen(self.load(name))
         return self
 
     def _chunk(self, name: str, chunk: int) -> np.ndarray:
@@ -243,6 +265,8 @@ class SoftLabelStore:
         memory = self._memory.get(name)
         if memory is not None:
             return memory[idx]
+        if self._decoded(name):
+            return self._gather_decoded([name], idx)[name]
         rows = self.schema.rows_per_chunk
         dense = self._dense(name)
         if dense is not None:
@@ -266,6 +290,30 @@ class SoftLabelStore:
             out[group] = block[idx[group] - chunk * rows]
         return out
 
+    def _gather_decoded(self, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Compact fields. Like :meth:`_dense`: when the decoded fields fit a quarter of the
+        cache, each chunk is decoded once into full-size buffers and a batch is a row gather;
+        otherwise the batch's coded rows (cached like any array) are decoded together."""
+        codec, rows = self._codec, self.schema.rows_per_chunk
+        specs = {s.name: s for s in self.schema.fields()}
+        nbytes = sum(int(np.prod(specs[n].shape)) * np.dtype(specs[n].dtype).itemsize for n in _CODEC_FIELDS if n in specs)
+        if nbytes * 4 > self.cache_bytes:
+            raw = {a: self._gather(a, idx) for a in codec.needs(names)}
+            return codec.decode(raw, names)
+        n_chunks = -(-self.num_samples // rows)
+        for name in names:
+            if name not in self._lazy:
+                self._lazy[name] = (np.empty(specs[name].shape, specs[name].dtype), np.zeros(n_chunks, dtype=bool))
+        chunks = np.unique(idx // rows)
+        todo = chunks[~np.logical_and.reduce([self._lazy[n][1][chunks] for n in names])]
+        for chunk in todo:
+            lo, hi = int(chunk) * rows, min((int(chunk) + 1) * rows, self.num_samples)
+            raw = {a: self.array(a)[lo:hi] for a in codec.needs(names)}
+            for name, block in codec.decode(raw, names).items():
+                self._lazy[name][0][lo:hi] = block
+                self._lazy[name][1][chunk] = True
+        return {name: self._lazy[name][0][idx] for name in names}
+
     def read(
         self,
         indices: Sequence[int] | np.ndarray,
@@ -280,9 +328,7 @@ class SoftLabelStore:
         the view axis (``[B, V, ...]``); an int or a per-row int array selects one view per row
         (``[B, ...]``). ``temperature`` selects that column of ``logsumexp`` (``[B(, V)]``).
         """
-        names = list(fields) if fields is not None else [
-            s.name for s in self.schema.per_sample_arrays() if not s.name.startswith(fmt.FEATURES_PREFIX)
-        ]
+        names = list(fields) if fields is not None else self._default_fields()
         idx = self._check_indices(indices)
         out: dict[str, np.ndarray] = {}
         t_col = None
@@ -300,8 +346,10 @@ class SoftLabelStore:
                 rows = np.arange(idx.size)
             else:
                 views = int(views)
+        coded = [n for n in names if self._decoded(n) and n not in self._memory]
+        decoded = self._gather_decoded(coded, idx) if coded else {}
         for name in names:
-            data = self._gather(name, idx)
+            data = decoded[name] if name in decoded else self._gather(name, idx)
             if view is not None and name != fmt.LABELS:
                 data = data[:, views] if rows is None else data[rows, views]
             if name == fmt.LOGSUMEXP and t_col is not None:

@@ -106,6 +106,19 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
         except Exception as exc:  # noqa: BLE001
             problems.append(f"chunk {_shard_key(spec.name, spec, 0)}: {_why(exc)}")
 
+    if fmt.UNITS_CODEC_FIDELITY in present:  # the compact codec's per-unit record: one chunk per unit
+        spec = present[fmt.UNITS_CODEC_FIDELITY]
+        for unit in np.flatnonzero(complete):
+            key = _shard_key(spec.name, spec, int(unit))
+            report.chunks_checked += 1
+            if not sync(zstore.exists(key)):
+                problems.append(f"chunk {key}: missing (unit {unit})")
+                continue
+            try:
+                store.array(spec.name)[int(unit)]
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"chunk {key}: {_why(exc)} (unit {unit})")
+
     per_sample = [s for s in schema.per_sample_arrays() if s.name in present]
     order = [s.name for s in schema.per_sample_arrays()]
     for unit in range(schema.num_units):

@@ -35,6 +35,7 @@ from softlabels.errors import (
 )
 from softlabels.fields import dimension_names
 from softlabels.stores import format as fmt
+from softlabels.stores.codecs import compact_store
 from softlabels.stores.location import bytes_on_disk, location_exists, open_zarr_store, remove_location
 from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, read_metadata, read_metadata_documents
 
@@ -146,6 +147,8 @@ class StoreWriter:
             "schema": schema.to_dict(),
             "summary": None,
         }
+        if schema.codec is not None:  # readers older than 1.2 cannot decode it: they must refuse (§8)
+            meta[fmt.MIN_READER_KEY] = fmt.COMPACT_MIN_READER
         zarr.create_group(store, zarr_format=3, attributes={fmt.ATTRS_KEY: meta})
         writer = cls(loc, storage_options=storage_options)
         writer._ensure_arrays(classifier_weight, classifier_bias)
@@ -168,7 +171,7 @@ class StoreWriter:
                 chunks=spec.chunks,
                 shards=spec.shards,
                 fill_value=0,
-                dimension_names=dimension_names(spec.name),
+                dimension_names=_dimension_names(self.schema, spec.name),
                 **fmt.codecs_for(spec),
             )
         constants = {fmt.CLASSIFIER_WEIGHT: classifier_weight, fmt.CLASSIFIER_BIAS: classifier_bias}
@@ -188,6 +191,14 @@ class StoreWriter:
                 self._arrays[name] = self._group[name]
         return self._arrays[name]
 
+    def read_fields(self, start: int, stop: int, names: list[str]) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of per-sample fields as a reader sees them (decoded)."""
+        codec = self.schema.compact
+        if codec is None:
+            return {n: self._array(n)[start:stop] for n in names}
+        raw = {a: self._array(a)[start:stop] for a in codec.needs(names)}
+        return codec.decode(raw, names)
+
     # -- units -------------------------------------------------------------------
     def completed_units(self) -> np.ndarray:
         return np.asarray(self._array(fmt.UNITS_COMPLETE)[:], dtype=bool)
@@ -199,9 +210,12 @@ class StoreWriter:
         return [int(u) for u in np.flatnonzero(~self.completed_units())]
 
     def prepare_unit(self, unit: int, fields: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate and cast a unit's fields to their storage dtypes (no I/O)."""
+        """Validate and cast a unit's fields to their storage dtypes (no I/O); a compact store
+        encodes them (:mod:`softlabels.stores.codecs.compact`)."""
         start, stop = self.schema.unit_range(unit)
         rows = stop - start
+        if self.schema.codec is not None:
+            fields = compact_store.encode_unit(self.schema, unit, fields)
         specs = {s.name: s for s in self.schema.per_sample_arrays()}
         missing = sorted(set(specs) - set(fields))
         extra = sorted(set(fields) - set(specs))
@@ -263,6 +277,8 @@ class StoreWriter:
             await asyncio.gather(*(arrays[name].setitem(slice(start, stop), data) for name, data in prepared.items()))
 
         sync(write_all())
+        if self.schema.codec is not None:  # this unit's own chunk: safe beside other writers
+            self._array(fmt.UNITS_CODEC_FIDELITY)[unit] = compact_store.unit_fidelity(self.schema, fields, prepared)
         return digests
 
     def mark_complete(self, unit: int, digests: Mapping[str, str]) -> None:
@@ -316,9 +332,10 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
     feature_sums = {name: np.zeros(3) for name, _ in schema.features}  # sum, sum of squares, count
     for unit in range(schema.num_units):
         start, stop = schema.unit_range(unit)
-        values = writer._array(fmt.TOPK_VALUES)[start:stop].astype(np.float64)  # [n, V, k]
-        lse = writer._array(fmt.LOGSUMEXP)[start:stop].astype(np.float64)  # [n, V, T]
-        indices = writer._array(fmt.TOPK_INDICES)[start:stop]  # [n, V, k]
+        fields = writer.read_fields(start, stop, [fmt.TOPK_VALUES, fmt.LOGSUMEXP, fmt.TOPK_INDICES])
+        values = fields[fmt.TOPK_VALUES].astype(np.float64)  # [n, V, k]
+        lse = fields[fmt.LOGSUMEXP].astype(np.float64)  # [n, V, T]
+        indices = fields[fmt.TOPK_INDICES]  # [n, V, k]
         labels = writer._array(fmt.LABELS)[start:stop][:, None, None] if schema.labeled else None
         if schema.value_dtype == "float16":
             clamped[fmt.TOPK_VALUES] += int((values == fmt.FLOAT16_MIN).sum())
@@ -364,7 +381,15 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
         }
     if schema.value_dtype == "float16":
         summary["float16_clamped"] = clamped  # values at the float16 bound -65504 (FORMAT.md §2)
+    if schema.codec is not None:
+        summary["codec_fidelity"] = compact_store.fidelity_summary(schema, writer._array(fmt.UNITS_CODEC_FIDELITY)[...])
     return summary
+
+
+def _dimension_names(schema: fmt.StoreSchema, name: str) -> tuple[str, ...] | None:
+    if schema.codec is not None and name.startswith("compact/"):
+        return next(dims for n, dims, _, _ in schema.compact.arrays(schema.labeled) if n == name)
+    return dimension_names(name)
 
 
 def _walk_arrays(group: zarr.Group, prefix: str = "") -> list[str]:
