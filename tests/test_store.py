@@ -200,7 +200,7 @@ def test_open_errors(tmp_path, small_store):
     doc = json.loads(meta_path.read_text())
     doc["attributes"]["softlabels"]["format_version"] = "2.0"
     meta_path.write_text(json.dumps(doc))
-    with pytest.raises(UnsupportedFormatError, match="format 2.0, newer than this reader's 1.1; upgrade"):
+    with pytest.raises(UnsupportedFormatError, match="format 2.0, newer than this reader's 1.2; upgrade"):
         open_store(small_store)
 
 

@@ -103,7 +103,7 @@ def test_newer_format_is_refused_by_cli(small_store):
     r = run("info", small_store)
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        f"error: {small_store} uses softlabels store format 2.1, newer than this reader's 1.1; "
+        f"error: {small_store} uses softlabels store format 2.1, newer than this reader's 1.2; "
         "upgrade softlabels (pip install -U softlabels)"
     )
 

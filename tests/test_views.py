@@ -75,7 +75,7 @@ def test_shift_view_replayed_bit_identical(tmp_path, mnist1d_teacher, one_torch_
     assert shifts.min() == -5 and shifts.max() == 5 and len(np.unique(shifts)) == 11
     assert store.schema.augmentation == {"policy": "shift1d", "params": {"max": 5}, "seed": 11, "version": 1,
                                          "arrays": {"shift": {"shape": [], "dtype": "int16"}}}
-    assert store.meta.format_version == "1.1" and verify_store(tmp_path / "s").ok
+    assert store.meta.format_version == "1.2" and verify_store(tmp_path / "s").ok
     saw = _teacher_saw(capture, 3, 800)
     for view in range(3):
         batch = _replayed(tmp_path / "s", dataset, info, view, 800)

@@ -16,7 +16,7 @@ import numpy as np
 from softlabels.errors import InvalidTargetsError
 
 FORMAT_NAME = "softlabels"
-FORMAT_VERSION = "1.1"  # 1.1: metadata_sha256, label_in_topk; optional augment/<param> arrays (multi-view dumps)
+FORMAT_VERSION = "1.2"  # 1.1: metadata_sha256, label_in_topk, augment/<param>; 1.2: run_id, generation, store_digest
 FORMAT_MAJOR = 1
 ATTRS_KEY = "softlabels"
 
@@ -45,6 +45,12 @@ DEFAULT_ROWS_PER_SHARD = 65_536
 DEFAULT_ROWS_PER_CHUNK = 8_192
 MIN_ROWS_PER_SHARD = 256
 TARGET_UNITS_SMALL_STORE = 16
+
+
+def plain_name(name: str) -> bool:
+    """A feature or augmentation name becomes one path segment of an object key: it must not be
+    empty, ``.`` or ``..``, nor hold ``/``, ``\\`` or NUL (keys must stay inside the store)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\x00")
 
 
 def index_dtype(num_classes: int) -> str:
@@ -120,8 +126,10 @@ class StoreSchema:
             raise InvalidTargetsError(f"value dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         feats = tuple((str(n), int(d)) for n, d in self.features)
         for name, dim in feats:
-            if not name or "/" in name or dim < 1:
-                raise InvalidTargetsError(f"bad feature array {name!r} with dim {dim}: names are plain, dims >= 1")
+            if not plain_name(name) or dim < 1:
+                raise InvalidTargetsError(
+                    f"bad feature array {name!r} with dim {dim}: names are plain (no '/', not '.' or '..'), dims >= 1"
+                )
         object.__setattr__(self, "features", feats)
         if not self.rows_per_shard or not self.rows_per_chunk:
             shard, chunk = default_layout(self.num_samples)
@@ -136,7 +144,7 @@ class StoreSchema:
         if self.augmentation is not None:
             object.__setattr__(self, "augmentation", dict(self.augmentation))
             for name, spec in dict(self.augmentation.get("arrays", {})).items():
-                if not name or "/" in name or spec.get("dtype") not in AUGMENT_DTYPES:
+                if not plain_name(name) or spec.get("dtype") not in AUGMENT_DTYPES:
                     raise InvalidTargetsError(
                         f"bad augmentation array {name!r} {spec!r}: names are plain, dtypes one of {AUGMENT_DTYPES}"
                     )

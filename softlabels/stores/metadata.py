@@ -81,6 +81,7 @@ class StoreMetadata:
 # (e.g. a copy through another Zarr library) and still changes with every value.
 METADATA_DIGEST_KEY = "metadata_sha256"
 METADATA_FILE = "zarr.json"
+STORE_DIGEST_KEY = "store_digest"  # format 1.2, softlabels.stores.digest
 
 
 def canonical_sha256(document: Any) -> str:
@@ -113,8 +114,9 @@ def read_metadata_documents(zstore: Any) -> tuple[dict[str, Any], list[str]]:
 def _root_without_digest(root: Any) -> Any:
     doc = copy.deepcopy(root)
     meta = doc.get("attributes", {}).get(fmt.ATTRS_KEY) if isinstance(doc, dict) else None
-    if isinstance(meta, dict):
+    if isinstance(meta, dict):  # the digests are computed over everything else (FORMAT.md §6)
         meta.pop(METADATA_DIGEST_KEY, None)
+        meta.pop(STORE_DIGEST_KEY, None)
     return doc
 
 

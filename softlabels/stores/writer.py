@@ -33,7 +33,15 @@ from softlabels.errors import (
 )
 from softlabels.stores import format as fmt
 from softlabels.stores.location import bytes_on_disk, location_exists, open_zarr_store, remove_location
-from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, read_metadata, read_metadata_documents
+from softlabels.stores.digest import store_digest
+from softlabels.stores.metadata import (
+    METADATA_DIGEST_KEY,
+    STORE_DIGEST_KEY,
+    metadata_digests,
+    read_metadata,
+    read_metadata_documents,
+)
+from softlabels.stores.ownership import GENERATION_KEY, RUN_ID_KEY, check_owner, new_run_id
 
 _DIMENSION_NAMES = {
     fmt.TOPK_VALUES: ("sample", "view", "rank"),
@@ -59,9 +67,14 @@ def unit_digest(data: np.ndarray) -> bytes:
 class StoreWriter:
     """Handle on a store that is being written. Cheap to construct in worker processes."""
 
-    def __init__(self, location: str | os.PathLike, *, storage_options: dict | None = None) -> None:
+    def __init__(
+        self, location: str | os.PathLike, *, storage_options: dict | None = None, run_id: str | None = None
+    ) -> None:
+        """``run_id``: the dump run this writer works for; every write, record and finalize
+        first checks that the run still owns the store (softlabels.stores.ownership)."""
         self.location = str(location)
         self.storage_options = storage_options
+        self.run_id = run_id
         self._store = open_zarr_store(self.location, read_only=False, storage_options=storage_options)
         self._group = zarr.open_group(self._store, mode="r+", zarr_format=3)
         self.meta = read_metadata(self._group, self.location)
@@ -100,14 +113,16 @@ class StoreWriter:
                     f"cannot resume {loc}: {diffs[0]}{more}; resume with the original settings "
                     "or pass --overwrite to start again"
                 )
+            writer._take_ownership()
             writer._ensure_arrays(classifier_weight, classifier_bias)
             return writer
         if exists and not overwrite:
             raise StoreExistsError(
                 f"{loc} already exists; pass --resume to continue it or --overwrite to replace it"
             )
+        generation = 1
         if exists and overwrite:
-            _check_is_store_before_delete(loc, storage_options)
+            generation = _check_is_store_before_delete(loc, storage_options) + 1
             remove_location(loc, storage_options)
         _check_constants(schema, classifier_weight, classifier_bias)
         store = open_zarr_store(loc, read_only=False, storage_options=storage_options)
@@ -116,15 +131,32 @@ class StoreWriter:
             "format_version": fmt.FORMAT_VERSION,
             "softlabels_version": __version__,
             "status": "writing",
+            RUN_ID_KEY: new_run_id(),
+            GENERATION_KEY: generation,
             "created": _now(),
             "completed": None,
             "schema": schema.to_dict(),
             "summary": None,
         }
         zarr.create_group(store, zarr_format=3, attributes={fmt.ATTRS_KEY: meta})
-        writer = cls(loc, storage_options=storage_options)
+        writer = cls(loc, storage_options=storage_options, run_id=meta[RUN_ID_KEY])
         writer._ensure_arrays(classifier_weight, classifier_bias)
         return writer
+
+    def _take_ownership(self) -> None:
+        """A resume is a new run: record its run id, so that a run still writing stops. (A
+        complete store is left as it is: a resume has nothing to write.)"""
+        if self.meta.get("status") == "complete":
+            self.run_id = self.meta.get(RUN_ID_KEY)
+            return
+        meta = dict(self.meta)
+        meta[RUN_ID_KEY] = new_run_id()
+        meta.setdefault(GENERATION_KEY, 1)
+        self._group.attrs[fmt.ATTRS_KEY] = meta
+        self.meta, self.run_id = meta, meta[RUN_ID_KEY]
+
+    def check_owner(self, doing: str) -> None:
+        check_owner(self._store, self.location, self.run_id, doing)
 
     def _ensure_arrays(self, classifier_weight: np.ndarray | None, classifier_bias: np.ndarray | None) -> None:
         """Create every array the schema names that is not there yet, then (re)write the teacher
@@ -222,16 +254,19 @@ class StoreWriter:
         """
         prepared = self.prepare_unit(unit, fields)
         start, stop = self.schema.unit_range(unit)
+        self.check_owner(f"writing unit {unit}")
         digests = {}
         for name, data in prepared.items():
             self._array(name)[start:stop] = data
             digests[name] = unit_digest(data).hex()
+        self.check_owner(f"returning unit {unit}")  # a late write into a new owner's store is reported
         return digests
 
     def mark_complete(self, unit: int, digests: Mapping[str, str]) -> None:
         """Record a written unit: its digests, then the completion flag (the commit marker)."""
         names = [s.name for s in self.schema.per_sample_arrays()]
         rows = np.stack([np.frombuffer(bytes.fromhex(digests[n]), dtype=np.uint8) for n in names])
+        self.check_owner(f"recording unit {unit}")
         self._array(fmt.UNITS_SHA256)[unit] = rows
         self._array(fmt.UNITS_COMPLETE)[unit] = 1
 
@@ -250,8 +285,11 @@ class StoreWriter:
         meta = dict(self.meta)
         meta.update(status="complete", completed=_now(), summary=summary)
         meta.pop(METADATA_DIGEST_KEY, None)
+        meta.pop(STORE_DIGEST_KEY, None)
         docs, _ = read_metadata_documents(self._store)
         meta[METADATA_DIGEST_KEY] = metadata_digests(docs, root_meta=meta)
+        meta[STORE_DIGEST_KEY] = store_digest(meta[METADATA_DIGEST_KEY], self._array(fmt.UNITS_SHA256)[...])
+        self.check_owner("finalizing")
         self._group.attrs[fmt.ATTRS_KEY] = meta
         self.meta = meta
         return summary
@@ -275,12 +313,21 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
                 "in_topk": 0}
         for scope in scopes
     }
+    order = [a.name for a in schema.per_sample_arrays()]
+    recorded = writer._array(fmt.UNITS_SHA256)[...]
+    changed = []
     for unit in range(schema.num_units):
         start, stop = schema.unit_range(unit)
-        values = writer._array(fmt.TOPK_VALUES)[start:stop].astype(np.float64)  # [n, V, k]
-        lse = writer._array(fmt.LOGSUMEXP)[start:stop].astype(np.float64)  # [n, V, T]
-        indices = writer._array(fmt.TOPK_INDICES)[start:stop]  # [n, V, k]
-        labels = writer._array(fmt.LABELS)[start:stop][:, None, None] if schema.labeled else None
+        raw = {name: writer._array(name)[start:stop] for name in (fmt.TOPK_VALUES, fmt.LOGSUMEXP, fmt.TOPK_INDICES)}
+        if schema.labeled:
+            raw[fmt.LABELS] = writer._array(fmt.LABELS)[start:stop]
+        if any(unit_digest(a) != bytes(recorded[unit, order.index(n)]) for n, a in raw.items()):
+            changed.append(unit)  # written again after it was recorded: by a writer that lost the store
+            continue
+        values = raw[fmt.TOPK_VALUES].astype(np.float64)  # [n, V, k]
+        lse = raw[fmt.LOGSUMEXP].astype(np.float64)  # [n, V, T]
+        indices = raw[fmt.TOPK_INDICES]  # [n, V, k]
+        labels = raw[fmt.LABELS][:, None, None] if schema.labeled else None
         for scope, views in scopes.items():
             a = acc[scope]
             for j, t in enumerate(temps):
@@ -292,6 +339,15 @@ def compute_summary(writer: StoreWriter) -> dict[str, Any]:
                 hit = indices[:, views] == labels  # [n, v, k]
                 a["top1"] += int(hit[..., 0].sum())
                 a["in_topk"] += int(hit.any(-1).sum())
+
+    if changed:
+        for unit in changed:
+            writer._array(fmt.UNITS_COMPLETE)[unit] = 0
+        raise IncompleteStoreError(
+            f"{writer.location}: {len(changed)} recorded unit(s) changed after they were recorded (first: unit "
+            f"{changed[0]}), e.g. by a dump that was replaced with --overwrite while it ran; they are marked "
+            "unwritten: rerun the dump with --resume to redo them"
+        )
 
     def figures(a: dict[str, Any]) -> dict[str, Any]:
         n = a["count"]
@@ -334,11 +390,13 @@ def _check_constants(schema: fmt.StoreSchema, weight: np.ndarray | None, bias: n
             raise InvalidTargetsError(f"classifier bias must have shape ({schema.num_classes},)")
 
 
-def _check_is_store_before_delete(location: str, storage_options: dict | None) -> None:
+def _check_is_store_before_delete(location: str, storage_options: dict | None) -> int:
+    """The generation of the store about to be replaced (0 when it records none)."""
     try:
         store = open_zarr_store(location, read_only=True, storage_options=storage_options)
         group = zarr.open_group(store, mode="r", zarr_format=3)
-        read_metadata(group, location, check_version=False)
+        generation = read_metadata(group, location, check_version=False).get(GENERATION_KEY)
+        return generation if isinstance(generation, int) and 0 <= generation < 2**53 else 0
     except Exception:
         raise StoreExistsError(
             f"refusing to overwrite {location}: it exists and is not a softlabels store; "
