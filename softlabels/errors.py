@@ -41,3 +41,9 @@ class InvalidTargetsError(SoftlabelsError):
 
 class SpecError(SoftlabelsError):
     """An unknown or malformed teacher/dataset/student spec, or a bad checkpoint."""
+
+
+class DamagedStoreError(SoftlabelsError):
+    """A store marked complete has a missing, undecodable, altered or impossible object."""
+
+    exit_code = 1

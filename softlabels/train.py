@@ -39,7 +39,8 @@ from softlabels.fit import check_training_args
 from softlabels.losses import build_method, method_class, method_defaults
 from softlabels.models import build_model, list_models
 from softlabels.stores import format as fmt
-from softlabels.stores.reader import SoftLabelStore, open_store
+from softlabels.stores.integrity import open_checked_stores
+from softlabels.stores.reader import SoftLabelStore
 
 __all__ = ["train_student", "build_student", "DEFAULTS", "StudentFeatures"]
 
@@ -183,6 +184,7 @@ def train_student(
     warn: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     storage_options: dict | None = None,
+    expect_digests: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``student_arch`` on ``dataset_spec`` with ``method`` from the store(s) at
     ``store_path`` (a path, a list of paths -- one per split, e.g. train + transfer -- or None
@@ -219,7 +221,7 @@ def train_student(
     allowed_mismatch: list[dict[str, Any]] = []  # differences --allow-mismatch let through
     if not paths and _needs_store(method):
         raise SpecError(f"method {method!r} reads teacher targets from a store; pass --store (a `softlabels dump` output)")
-    stores = [open_store(p, storage_options=storage_options) for p in paths]
+    stores = open_checked_stores(paths, storage_options=storage_options, expect_digests=expect_digests)
     splits = [str(s.schema.dataset.get("split", "train")) for s in stores] or ["train"]
     if len(set(splits)) != len(splits):
         raise SpecError(f"two stores cover the same split ({', '.join(splits)}); pass one store per split")

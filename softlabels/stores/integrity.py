@@ -8,21 +8,18 @@ message may echo what it read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from zarr.core.sync import sync
 
-from softlabels.errors import SoftlabelsError
+from softlabels.errors import DamagedStoreError, SoftlabelsError
 from softlabels.stores import format as fmt
-from softlabels.stores.digest import check_expected, store_digest
+from softlabels.stores.digest import check_expected, parse_expected, store_digest
 from softlabels.stores.metadata import check_metadata_documents, metadata_digests, read_metadata_documents
+from softlabels.stores.reader import SoftLabelStore, open_store
 from softlabels.stores.semantic import SemanticReport, unit_violations
 from softlabels.stores.writer import unit_digest
-
-
-class DamagedStoreError(SoftlabelsError):
-    """A store marked complete has a missing, undecodable or altered object."""
-
-    exit_code = 1
 
 
 def shard_key(name: str, spec: fmt.ArraySpec, index: int) -> str:
@@ -40,7 +37,7 @@ def why(exc: BaseException) -> str:
 
 
 def check_unit(
-    store, unit: int, specs: list[fmt.ArraySpec], complete: bool, recorded: np.ndarray | None
+    store: SoftLabelStore, unit: int, specs: list[fmt.ArraySpec], complete: bool, recorded: np.ndarray | None
 ) -> tuple[list[str], dict[str, np.ndarray], int]:
     """``(problems, arrays, chunks_checked)`` for one unit of the per-sample arrays ``specs``:
     each shard must exist (when the unit is recorded complete) and decode, and re-hash to the
@@ -69,13 +66,38 @@ def check_unit(
     return problems, arrays, len(specs)
 
 
-def computed_digest(store, unit_rows: np.ndarray) -> tuple[str, list[str]]:
+def computed_digest(store: SoftLabelStore, unit_rows: np.ndarray) -> tuple[str, list[str]]:
     """The store digest of the content as it is now, and the metadata problems found on the way."""
     docs, problems = read_metadata_documents(store._zstore)
     return store_digest(metadata_digests(docs), unit_rows), problems
 
 
-def check_for_training(store, *, expect_digest: str | None = None) -> None:
+def open_checked_stores(
+    locations: list[str], *, storage_options: dict | None = None, expect_digests: Sequence[str] | None = None
+) -> list[SoftLabelStore]:
+    """The stores a training run reads, each checked (:func:`check_for_training`) before use.
+    ``expect_digests`` pins them in order (``--expect-digest``, once per ``--store``)."""
+    expected = [parse_expected(d) for d in expect_digests or []]
+    if expected and len(expected) != len(locations):
+        raise SoftlabelsError(
+            f"--expect-digest was given {len(expected)} time(s) for {len(locations)} --store; pass one per store, in order"
+        )
+    return [
+        open_checked_store(loc, storage_options=storage_options, expect_digest=expected[i] if expected else None)
+        for i, loc in enumerate(locations)
+    ]
+
+
+def open_checked_store(
+    location: str, *, storage_options: dict | None = None, expect_digest: str | None = None
+) -> SoftLabelStore:
+    """Open a complete store for training and check it first (:func:`check_for_training`)."""
+    store = open_store(location, storage_options=storage_options)
+    check_for_training(store, expect_digest=expect_digest)
+    return store
+
+
+def check_for_training(store: SoftLabelStore, *, expect_digest: str | None = None) -> None:
     """Refuse, in one line, a complete store whose per-sample data is missing, damaged, altered
     or impossible as teacher targets, or that is not the pinned one. Reads every unit once."""
     schema, loc = store.schema, store.location

@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 import zarr
 
-from softlabels.errors import IncompleteStoreError, NotAStoreError, StoreNotFoundError
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import WrapperStore
+
+from softlabels.errors import (
+    DamagedStoreError,
+    IncompleteStoreError,
+    NotAStoreError,
+    SoftlabelsError,
+    StoreNotFoundError,
+)
 from softlabels.stores import format as fmt
 from softlabels.stores.location import bytes_on_disk, is_remote, location_exists, open_zarr_store
 from softlabels.stores.metadata import StoreMetadata, read_metadata
@@ -32,12 +42,62 @@ def open_store(
     allow_incomplete: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     storage_options: dict | None = None,
+    zarr_store: Any = None,
 ) -> SoftLabelStore:
     """Open a store read-only. Refuses stores that are still being written unless
-    ``allow_incomplete`` (used by ``info`` and ``verify``)."""
+    ``allow_incomplete`` (used by ``info`` and ``verify``). ``zarr_store``: read through this
+    zarr store instead of opening ``location`` (a staging copy being verified)."""
     return SoftLabelStore(
-        location, allow_incomplete=allow_incomplete, cache_bytes=cache_bytes, storage_options=storage_options
+        location, allow_incomplete=allow_incomplete, cache_bytes=cache_bytes, storage_options=storage_options,
+        zarr_store=zarr_store,
     )
+
+
+class CompleteStoreGuard(WrapperStore):
+    """Reads of a store marked complete: a missing chunk (or shard) of one of its arrays is
+    damage, never zarr's fill value. Every chunk of a complete store is written, even when it
+    equals the fill value (FORMAT.md §4), so a missing one was lost or deleted."""
+
+    arrays: tuple[str, ...] = ()
+    location: str = ""
+    rows_per_shard: int = 1
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None:
+            self._missing(key)
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values):
+            if value is None:
+                self._missing(key)
+        return values
+
+    def _missing(self, key: str) -> None:
+        name, sep, index = key.partition("/c/")
+        if not sep or name not in self.arrays:
+            return
+        first = index.split("/")[0]
+        rows = ""
+        if first.isdigit() and name not in ("units/complete", "units/sha256"):
+            start = int(first) * self.rows_per_shard
+            rows = f" (rows {start}..{start + self.rows_per_shard - 1})"
+        raise DamagedStoreError(
+            f"{self.location} is damaged: chunk {key} of array {name} is missing{rows}, yet the store is marked "
+            f"complete; run `softlabels verify {self.location}`"
+        )
+
+
+def read_error(location: str, name: str, rows: str, exc: BaseException) -> SoftlabelsError:
+    """One line for a failure to read an array, without echoing the exception's text (a chunk
+    may be a link to another file, and a decoder may quote the bytes it read)."""
+    if isinstance(exc, SoftlabelsError):
+        return exc
+    text = str(exc).lower()
+    what = "fails its checksum" if "checksum" in text or "crc" in text else f"cannot be decoded ({type(exc).__name__})"
+    return DamagedStoreError(f"{location} is damaged: array {name} {what} at rows {rows}; run `softlabels verify {location}`")
 
 
 def _frozen(block: np.ndarray) -> np.ndarray:
@@ -60,18 +120,19 @@ class SoftLabelStore:
         allow_incomplete: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         storage_options: dict | None = None,
+        zarr_store: Any = None,
     ) -> None:
         self.location = str(location)
         self.allow_incomplete = allow_incomplete
         self.cache_bytes = int(cache_bytes)
         self.storage_options = storage_options
-        self._open()
+        self._open(zarr_store)
 
-    def _open(self) -> None:
+    def _open(self, given: Any = None) -> None:
         loc = self.location
-        if not is_remote(loc) and not os.path.exists(loc):
+        if given is None and not is_remote(loc) and not os.path.exists(loc):
             raise StoreNotFoundError(f"store {loc} does not exist; check the path (or run `softlabels dump` first)")
-        store = open_zarr_store(loc, read_only=True, storage_options=self.storage_options)
+        store = given or open_zarr_store(loc, read_only=True, storage_options=self.storage_options)
         try:
             group = zarr.open_group(store, mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -85,8 +146,6 @@ class SoftLabelStore:
             raise NotAStoreError(
                 f"{loc}: its zarr.json is damaged ({' '.join(str(exc).split())[:200]}); run `softlabels verify {loc}`"
             ) from None
-        self._zstore = store
-        self._group = group
         raw = read_metadata(group, loc)
         try:
             self.meta = StoreMetadata.from_raw(raw)
@@ -100,6 +159,13 @@ class SoftLabelStore:
                 f"{loc} is incomplete (status '{self.meta.status}'); finish it with "
                 "`softlabels dump ... --resume` before training from it"
             )
+        if self.meta.status == "complete":
+            store = CompleteStoreGuard(store)
+            store.arrays = tuple(spec.name for spec in self.schema.all_arrays())
+            store.location, store.rows_per_shard = loc, self.schema.rows_per_shard
+            group = zarr.open_group(store, mode="r", zarr_format=3)
+        self._zstore = store
+        self._group = group
         self._arrays: dict[str, zarr.Array] = {}
         self._memory: dict[str, np.ndarray] = {}
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -189,7 +255,7 @@ class SoftLabelStore:
         ]
         for name in names:
             if name not in self._memory:
-                self._memory[name] = _frozen(self.array(name)[...])
+                self._memory[name] = _frozen(self._read(name, 0, self.num_samples))
         return self
 
     def _chunk(self, name: str, chunk: int) -> np.ndarray:
@@ -199,7 +265,7 @@ class SoftLabelStore:
             self._cache.move_to_end(key)
             return block
         rows = self.schema.rows_per_chunk
-        block = _frozen(self.array(name)[chunk * rows : (chunk + 1) * rows])
+        block = _frozen(self._read(name, chunk * rows, (chunk + 1) * rows))
         self._cache[key] = block
         self._cache_used += block.nbytes
         while self._cache_used > self.cache_bytes and len(self._cache) > 1:
@@ -221,6 +287,16 @@ class SoftLabelStore:
             entry = (np.empty(arr.shape, dtype=arr.dtype), np.zeros(n_chunks, dtype=bool))
             self._lazy[name] = entry
         return entry
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a per-sample array; damage is one line naming the array."""
+        try:
+            return self.array(name)[start:stop]
+        except KeyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise many types for bad bytes
+            stop = min(stop, self.num_samples)
+            raise read_error(self.location, name, f"{start}..{stop - 1}", exc) from None
 
     def gather(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows ``indices`` (any order, repeats allowed) of one per-sample array."""
@@ -246,7 +322,7 @@ class SoftLabelStore:
             chunks = np.unique(idx // rows)
             for chunk in chunks[~loaded[chunks]]:
                 c = int(chunk)
-                buf[c * rows : (c + 1) * rows] = self.array(name)[c * rows : (c + 1) * rows]
+                buf[c * rows : (c + 1) * rows] = self._read(name, c * rows, (c + 1) * rows)
                 loaded[c] = True
             return buf[idx]
         arr = self.array(name)

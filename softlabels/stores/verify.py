@@ -33,6 +33,7 @@ from softlabels.stores.location import is_http, is_remote, open_zarr_store, stor
 from softlabels.stores.metadata import STORE_DIGEST_KEY, check_metadata_documents
 from softlabels.stores.reader import SoftLabelStore, open_store
 from softlabels.stores.semantic import SemanticReport, unit_violations
+from softlabels.stores.staging import local_symlinks
 
 
 @dataclass
@@ -41,21 +42,30 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     chunks_checked: int = 0
     units_checked: int = 0
+    digest: str | None = None  # the store digest of the content as verified (None if unit records are damaged)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify_store(location: str | os.PathLike, *, storage_options: dict | None = None) -> VerifyReport:
-    """Re-read every metadata document and chunk of the store; check checksums and digests."""
+def verify_store(
+    location: str | os.PathLike,
+    *,
+    storage_options: dict | None = None,
+    expect_digest: str | None = None,
+    zarr_store=None,
+) -> VerifyReport:
+    """Re-read every metadata document and chunk of the store; check checksums and digests.
+    ``expect_digest`` (``sha256:...``) must equal the digest of the content (--expect-digest);
+    ``zarr_store`` reads the store through that zarr store (a staging copy, stores.copy)."""
     report = VerifyReport(location=str(location))
     problems = report.problems
     try:
-        store = open_store(location, allow_incomplete=True, storage_options=storage_options)
+        store = open_store(location, allow_incomplete=True, storage_options=storage_options, zarr_store=zarr_store)
     except (NotAStoreError, UnsupportedFormatError, InvalidTargetsError) as exc:
         # Damaged root metadata can make the store unopenable: name the damaged file if we can.
-        zstore = open_zarr_store(location, read_only=True, storage_options=storage_options)
+        zstore = zarr_store or open_zarr_store(location, read_only=True, storage_options=storage_options)
         problems += check_metadata_documents(zstore)
         if not problems:
             raise
@@ -118,12 +128,17 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
             report.units_checked += 1
             semantic.add(unit, unit_violations(schema, arrays))
     problems += semantic.problems(schema)  # layer 5: values that no teacher can have produced
-    problems += _digest_problems(store, present, digests)
+    if fmt.UNITS_SHA256 in present and all(d is not None for d in digests):
+        report.digest, _ = computed_digest(store, np.stack(digests))
+    problems += _digest_problems(store, report.digest)
     problems += _undefined_objects(store)
+    if expect_digest is not None and report.digest != expect_digest:
+        problems.append(f"store digest: {report.digest or 'unknown (unit records damaged)'}, not the expected "
+                        f"{expect_digest} (--expect-digest)")
     return report
 
 
-def _digest_problems(store: SoftLabelStore, present: dict, digests: list[np.ndarray | None]) -> list[str]:
+def _digest_problems(store: SoftLabelStore, actual: str | None) -> list[str]:
     """Layer 6: the store digest recorded at finalize equals the one of the content as it is."""
     recorded = store.meta.raw.get(STORE_DIGEST_KEY)
     if store.meta.status != "complete":
@@ -133,9 +148,8 @@ def _digest_problems(store: SoftLabelStore, present: dict, digests: list[np.ndar
             return [f"metadata zarr.json: a complete format-{store.meta.format_version} store must record "
                     f"'{STORE_DIGEST_KEY}' but has none"]
         return []
-    if fmt.UNITS_SHA256 not in present or any(d is None for d in digests):
+    if actual is None:
         return []  # the unit records are damaged, and named already
-    actual, _ = computed_digest(store, np.stack(digests))
     if actual != recorded:
         return [f"store digest: the content's digest is {actual}, zarr.json records {recorded}: units or metadata "
                 "were swapped or edited after finalize"]
@@ -150,11 +164,8 @@ def _undefined_objects(store: SoftLabelStore) -> list[str]:
         return []  # nothing can be listed over plain HTTP; every defined key was read above
     problems = []
     if not is_remote(loc):
-        for root, dirs, files in os.walk(loc, followlinks=False):
-            for name in dirs + files:
-                path = os.path.join(root, name)
-                if os.path.islink(path):
-                    problems.append(f"object {os.path.relpath(path, loc)}: a symbolic link; a store holds only plain files")
+        for link in local_symlinks(loc):
+            problems.append(f"object {link}: a symbolic link; a store holds only plain files")
     defined = defined_keys(store.schema)
     for key in store_keys(store._zstore):
         if unsafe_key(key):
