@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from softlabels.errors import SoftlabelsError
 from softlabels.pipelines.predictor import DumpConfig, Loaded, TeacherPredictor
+from softlabels.stores.ownership import OwnershipLostError
 
 MAX_RESTARTS = 4
 UNITS_IN_FLIGHT_PER_ACTOR = 2
@@ -152,9 +153,10 @@ def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, 
     queue.reverse()
     in_flight: dict = {}
     failure: str | None = None
+    lost: OwnershipLostError | None = None
 
     def submit(actor) -> None:
-        if queue and failure is None:
+        if queue and failure is None and lost is None:
             unit = queue.pop()
             in_flight[actor.write_unit.remote(unit)] = (unit, actor)
 
@@ -168,6 +170,9 @@ def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, 
             done_unit, digests = ray.get(ready[0])
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
+            if isinstance(cause, OwnershipLostError):
+                lost = lost or cause  # another run owns the store: nothing to resume here
+                continue
             message = str(cause) if isinstance(cause, SoftlabelsError) else f"{type(cause).__name__}: {cause}"
             failure = failure or f"unit {unit} failed: {' '.join(message.split())}"
             continue
@@ -176,6 +181,8 @@ def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, 
             continue
         on_done(done_unit, digests)
         submit(actor)
+    if lost is not None:
+        raise OwnershipLostError(str(lost))
     if failure:
         raise UnitFailed(f"{failure}; completed units are recorded, fix the cause and rerun with --resume")
 

@@ -252,7 +252,10 @@ def remove_location(location: str | os.PathLike, storage_options: dict | None = 
 def store_keys(store: Store) -> list[str]:
     """Every object key of a store: listed where the backend can list, else (plain HTTP)
     derived from the schema in the store's own metadata."""
-    if isinstance(store, RangeTolerantStore):
+    inner = store
+    while isinstance(inner, WrapperStore) and not isinstance(inner, RangeTolerantStore):
+        inner = inner._store  # e.g. the reader's guard around an HTTP store
+    if isinstance(inner, RangeTolerantStore):
         raw = sync(store.get(METADATA_KEY, default_buffer_prototype()))
         meta = json.loads(raw.to_bytes())["attributes"][fmt.ATTRS_KEY]
         return object_keys(fmt.StoreSchema.from_dict(meta["schema"]))
