@@ -109,6 +109,8 @@ def copy_store(
         root = sync(src_store.get(METADATA_KEY, default_buffer_prototype()))
     if root is None:
         raise SoftlabelsError(f"{src}: object {METADATA_KEY} is missing; run `softlabels verify {src}`")
+    if is_remote(dst):  # names the destination in a missing-bucket or read-only error; writes nothing
+        open_zarr_store(dst, read_only=False, storage_options=destination_options)
     staging = f"{dst}.staging-{uuid.uuid4().hex[:12]}"
     try:
         stage_store = open_zarr_store(staging, read_only=False, storage_options=destination_options)
