@@ -6,12 +6,13 @@ User mistakes raise :class:`softlabels.errors.SoftlabelsError`; :func:`main` pri
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
 
 from softlabels import __version__
-from softlabels.errors import SoftlabelsError
+from softlabels.errors import Interrupted, SoftlabelsError
 
 app = typer.Typer(
     name="softlabels",
@@ -65,15 +66,24 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         app()
     except SoftlabelsError as exc:
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        # 128 + the signal's number, as a shell reports it (130 Ctrl-C, 143 SIGTERM); a dump's store
+        # stays resumable: units are recorded one by one and the status is still 'writing'
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        resumable = "; resume with --resume" if sys.argv[1:2] == ["dump"] else ""
+        sys.stderr.write(f"interrupted{resumable}\n")
+        sys.exit(128 + int(signum))
 
 
 if __name__ == "__main__":

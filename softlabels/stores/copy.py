@@ -31,6 +31,7 @@ from zarr.core.sync import sync
 
 from softlabels.errors import IncompleteStoreError, SoftlabelsError, StoreExistsError
 from softlabels.stores.digest import check_expected
+from softlabels.stores.integrity import check_shapes
 from softlabels.stores.keys import METADATA_KEY, defined_keys, unsafe_key
 from softlabels.stores.location import (
     is_remote,
@@ -99,6 +100,7 @@ def copy_store(
             f"{src} is not complete (status '{reader.meta.status}'); finish it with `softlabels dump ... --resume` "
             "before copying it"
         )
+    check_shapes(reader)  # the schema's counts size the key list: they must agree with the arrays
     keys = _source_keys(src, reader, source_options)
     if location_exists(dst, destination_options) or os.path.islink(dst):
         if not overwrite:

@@ -46,6 +46,15 @@ DEFAULT_ROWS_PER_CHUNK = 8_192
 MIN_ROWS_PER_SHARD = 256
 TARGET_UNITS_SMALL_STORE = 16
 
+# Bounds on counts read from (untrusted) metadata, checked before anything of that size is
+# allocated or iterated (FORMAT.md §6 "Bounds"): far above any real store, far below a hang.
+MAX_SAMPLES = 2**40
+MAX_UNITS = 2**20
+MAX_CLASSES = 2**31 - 1
+MAX_VIEWS = 2**16
+MAX_FEATURE_DIM = 2**20
+MAX_TEMPERATURES = 64
+
 
 def plain_name(name: str) -> bool:
     """A feature or augmentation name becomes one path segment of an object key: it must not be
@@ -107,6 +116,12 @@ class StoreSchema:
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise InvalidTargetsError(f"a store needs at least one sample, got num_samples={self.num_samples}")
+        _bounded("num_samples", self.num_samples, MAX_SAMPLES)
+        _bounded("num_classes", self.num_classes, MAX_CLASSES)
+        _bounded("views", self.views, MAX_VIEWS)
+        _bounded("number of temperatures", len(self.temperatures), MAX_TEMPERATURES)
+        for _, dim in self.features:
+            _bounded("feature dim", int(dim), MAX_FEATURE_DIM)
         if self.num_classes < 2:
             raise InvalidTargetsError(f"a classifier needs at least 2 classes, got num_classes={self.num_classes}")
         if not 1 <= self.k <= self.num_classes:
@@ -135,6 +150,10 @@ class StoreSchema:
             shard, chunk = default_layout(self.num_samples)
             object.__setattr__(self, "rows_per_shard", self.rows_per_shard or shard)
             object.__setattr__(self, "rows_per_chunk", self.rows_per_chunk or min(chunk, self.rows_per_shard or shard))
+        if self.rows_per_chunk < 1 or self.rows_per_shard < 1:
+            raise InvalidTargetsError(f"rows_per_shard and rows_per_chunk must be >= 1, got {self.rows_per_shard}, "
+                                      f"{self.rows_per_chunk}")
+        _bounded("num_units", -(-self.num_samples // self.rows_per_shard), MAX_UNITS)
         if self.rows_per_shard % self.rows_per_chunk:
             raise InvalidTargetsError(
                 f"rows_per_shard={self.rows_per_shard} must be a multiple of rows_per_chunk={self.rows_per_chunk}"
@@ -253,6 +272,11 @@ class StoreSchema:
             if a.get(key) != b.get(key):
                 out.append(f"{key}: store has {a.get(key)!r}, this run has {b.get(key)!r}")
         return out
+
+
+def _bounded(what: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise InvalidTargetsError(f"{what} = {value} exceeds this format's bound of {limit:,}")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

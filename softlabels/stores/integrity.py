@@ -66,6 +66,25 @@ def check_unit(
     return problems, arrays, len(specs)
 
 
+def check_shapes(store: SoftLabelStore) -> None:
+    """Every array's own metadata gives the schema's shape and dtype: counts in the root metadata
+    are not trusted to size a read, a listing or an allocation."""
+    for spec in store.schema.all_arrays():
+        try:
+            arr = store.array(spec.name)
+        except KeyError:
+            raise DamagedStoreError(f"{store.location} is damaged: array {spec.name} is missing; run `softlabels "
+                                    f"verify {store.location}`") from None
+        except Exception as exc:  # noqa: BLE001 - its zarr.json is not Zarr metadata
+            raise DamagedStoreError(f"{store.location} is damaged: the metadata of array {spec.name} {why(exc)}; "
+                                    f"run `softlabels verify {store.location}`") from None
+        if tuple(arr.shape) != spec.shape or str(arr.dtype) != spec.dtype:
+            raise DamagedStoreError(
+                f"{store.location} is damaged: array {spec.name} has shape {tuple(arr.shape)} {arr.dtype}, the store's "
+                f"schema says {spec.shape} {spec.dtype}; run `softlabels verify {store.location}`"
+            )
+
+
 def computed_digest(store: SoftLabelStore, unit_rows: np.ndarray) -> tuple[str, list[str]]:
     """The store digest of the content as it is now, and the metadata problems found on the way."""
     docs, problems = read_metadata_documents(store._zstore)
@@ -102,6 +121,7 @@ def check_for_training(store: SoftLabelStore, *, expect_digest: str | None = Non
     or impossible as teacher targets, or that is not the pinned one. Reads every unit once."""
     schema, loc = store.schema, store.location
     hint = f"run `softlabels verify {loc}` for the full list"
+    check_shapes(store)
     try:
         unit_rows = np.asarray(store.array(fmt.UNITS_SHA256)[...])
     except Exception as exc:  # noqa: BLE001
