@@ -6,6 +6,7 @@ User mistakes raise :class:`softlabels.errors.SoftlabelsError`; :func:`main` pri
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -77,6 +78,13 @@ def main() -> None:
     except SoftlabelsError as exc:
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        resumable = "; a dump's store stays resumable: rerun it with --resume" if sys.argv[1:2] == ["dump"] else ""
+        sys.stderr.write(f"error: the disk is full ({exc.strerror}){where}; free some space{resumable}\n")
+        sys.exit(1)
     except (KeyboardInterrupt, Interrupted) as exc:
         # 128 + the signal's number, as a shell reports it (130 Ctrl-C, 143 SIGTERM); a dump's store
         # stays resumable: units are recorded one by one and the status is still 'writing'

@@ -6,11 +6,13 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from softlabels.cli.options import parse_storage_options, storage_option_flag
+from softlabels.errors import SoftlabelsError
 from softlabels.stores import format as fmt
 from softlabels.stores.digest import parse_expected
 from softlabels.stores.integrity import computed_digest
@@ -25,7 +27,12 @@ def store_info(location: str, storage_options: dict | None = None) -> dict[str, 
     store = open_store(location, allow_incomplete=True, storage_options=storage_options)
     s = store.schema
     size = store.bytes_on_disk()
-    complete = store.completed_units()
+    try:
+        complete = store.completed_units()
+    except SoftlabelsError:
+        if store.meta.status == "complete":
+            raise
+        complete = np.zeros(s.num_units, dtype=bool)  # being created: no unit recorded yet
     digest = recorded = store.meta.raw.get(STORE_DIGEST_KEY)
     if store.meta.status == "complete":
         digest, _ = computed_digest(store, store.array(fmt.UNITS_SHA256)[...])

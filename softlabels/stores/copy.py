@@ -30,6 +30,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from softlabels.errors import IncompleteStoreError, SoftlabelsError, StoreExistsError
+from softlabels.stores import format as fmt
 from softlabels.stores.digest import check_expected
 from softlabels.stores.integrity import check_shapes
 from softlabels.stores.keys import METADATA_KEY, defined_keys, unsafe_key
@@ -161,7 +162,8 @@ def _source_keys(src: str, reader, options: dict | None) -> list[str]:
             "outside the destination; the source was tampered with"
         )
     defined = defined_keys(reader.schema)
-    extra = [k for k in listed if k not in defined]
+    newer = fmt.newer_minor(reader.meta.format_version)  # its extra objects are the newer format's: copy them
+    extra = [] if newer else [k for k in listed if k not in defined]
     if extra:
         raise SoftlabelsError(
             f"refusing to copy {src}: it holds object {extra[0]!r}{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}, "

@@ -56,6 +56,16 @@ MAX_FEATURE_DIM = 2**20
 MAX_TEMPERATURES = 64
 
 
+def newer_minor(version: object) -> bool:
+    """True for a ``format_version`` of this major with a newer minor: such a store may hold
+    arrays and keys this reader does not know, which it must ignore (not flag, but copy)."""
+    try:
+        major, minor = (int(x) for x in str(version).split(".")[:2])
+    except ValueError:
+        return False
+    return major == FORMAT_MAJOR and minor > int(FORMAT_VERSION.split(".")[1])
+
+
 def plain_name(name: str) -> bool:
     """A feature or augmentation name becomes one path segment of an object key: it must not be
     empty, ``.`` or ``..``, nor hold ``/``, ``\\`` or NUL (keys must stay inside the store)."""

@@ -234,6 +234,11 @@ def remove_location(location: str | os.PathLike, storage_options: dict | None = 
     loc = str(location)
     if not is_remote(loc):
         p = Path(loc)
+        if p.is_symlink():
+            raise SoftlabelsError(
+                f"refusing to remove {loc}: it is a symbolic link (to {os.readlink(p)}); remove the link yourself or "
+                "choose another location"
+            )
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():

@@ -90,6 +90,12 @@ class CompleteStoreGuard(WrapperStore):
         )
 
 
+class MissingArrayError(DamagedStoreError, KeyError):
+    """An array the schema names is not in the store (being created, or lost)."""
+
+    __str__ = Exception.__str__
+
+
 def read_error(location: str, name: str, rows: str, exc: BaseException) -> SoftlabelsError:
     """One line for a failure to read an array, without echoing the exception's text (a chunk
     may be a link to another file, and a decoder may quote the bytes it read)."""
@@ -228,8 +234,14 @@ class SoftLabelStore:
             try:
                 self._arrays[name] = self._group[name]
             except KeyError:
-                available = ", ".join(s.name for s in self.schema.all_arrays())
-                raise KeyError(f"store has no array {name!r}; it has: {available}") from None
+                names = [s.name for s in self.schema.all_arrays()]
+                if name not in names:
+                    raise KeyError(f"the store format has no array {name!r}; a store has: {', '.join(names)}") from None
+                if self.meta.status != "complete":
+                    why = f"it is still being created (status '{self.meta.status}')"
+                else:
+                    why = f"the store is damaged; run `softlabels verify {self.location}`"
+                raise MissingArrayError(f"{self.location} has no array {name!r} yet: {why}") from None
         return self._arrays[name]
 
     def completed_units(self) -> np.ndarray:
