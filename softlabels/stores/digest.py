@@ -31,6 +31,14 @@ class DigestMismatchError(SoftlabelsError):
     exit_code = 1
 
 
+def unit_digest(data: np.ndarray) -> bytes:
+    """sha256 of an array's bytes as stored: C order, little-endian (a leaf of ``units/sha256``)."""
+    arr = np.ascontiguousarray(data)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return hashlib.sha256(arr.tobytes()).digest()
+
+
 def store_digest(metadata_sha256: Mapping[str, str], unit_sha256: np.ndarray) -> str:
     """``sha256:<hex>`` over the metadata root and the units root.
 

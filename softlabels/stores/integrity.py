@@ -15,11 +15,10 @@ from zarr.core.sync import sync
 
 from softlabels.errors import DamagedStoreError, SoftlabelsError
 from softlabels.stores import format as fmt
-from softlabels.stores.digest import check_expected, parse_expected, store_digest
+from softlabels.stores.digest import check_expected, parse_expected, store_digest, unit_digest
 from softlabels.stores.metadata import check_metadata_documents, metadata_digests, read_metadata_documents
 from softlabels.stores.reader import SoftLabelStore, open_store
 from softlabels.stores.semantic import SemanticReport, unit_violations
-from softlabels.stores.writer import unit_digest
 
 
 def shard_key(name: str, spec: fmt.ArraySpec, index: int) -> str:

@@ -49,6 +49,13 @@ class StoreMetadata:
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any]) -> StoreMetadata:
+        """Typed view; a value of the wrong type raises ``ValueError`` naming the key (the
+        metadata is untrusted: no reader may crash on it later)."""
+        for key, kinds in (("status", str), ("summary", (dict, type(None))), ("format_version", str)):
+            if not isinstance(raw.get(key), kinds):
+                raise ValueError(f"'{key}' has the wrong type ({type(raw.get(key)).__name__})")
+        if raw.get("summary") is not None:
+            _check_summary(raw["summary"])
         return cls(raw=raw, schema=fmt.StoreSchema.from_dict(raw["schema"]))
 
     @property
@@ -70,6 +77,23 @@ class StoreMetadata:
     @property
     def dataset(self) -> dict[str, Any]:
         return dict(self.schema.dataset)
+
+
+def _check_summary(summary: dict[str, Any], where: str = "summary") -> None:
+    number = (int, float)
+    masses = summary.get("topk_mass", {})
+    if not isinstance(masses, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("mean"), number) and isinstance(m.get("min"), number)
+        for m in masses.values()
+    ):
+        raise ValueError(f"'{where}.topk_mass' is not a mapping of {{mean, min}} numbers")
+    for key in ("teacher_top1_accuracy", "label_in_topk"):
+        if not isinstance(summary.get(key), (*number, type(None))):
+            raise ValueError(f"'{where}.{key}' is not a number")
+    if summary.get("view0") is not None:
+        if not isinstance(summary["view0"], dict):
+            raise ValueError(f"'{where}.view0' is not a mapping")
+        _check_summary(summary["view0"], f"{where}.view0")
 
 
 # -- metadata digests ------------------------------------------------------------------

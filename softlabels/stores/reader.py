@@ -155,7 +155,7 @@ class SoftLabelStore:
         raw = read_metadata(group, loc)
         try:
             self.meta = StoreMetadata.from_raw(raw)
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise NotAStoreError(
                 f"{loc}: the softlabels metadata in its zarr.json is damaged ({type(exc).__name__}: {exc}); "
                 f"run `softlabels verify {loc}`"
