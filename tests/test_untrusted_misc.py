@@ -80,3 +80,29 @@ def test_feature_names_dot_and_dotdot_are_refused():
     for name in (".", "..", "a/b"):
         with pytest.raises(SoftlabelsError, match="names are plain"):
             fmt.StoreSchema(num_samples=10, num_classes=10, k=3, temperatures=(1.0,), features=((name, 4),))
+
+
+def test_an_http_server_error_is_not_reported_as_missing(cli):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(500, "boom")
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s.zarr"
+        code, _, err = cli("info", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {url}: the server answered HTTP 500"), err
+    assert "404" not in err and "no store" not in err

@@ -210,6 +210,11 @@ def _raise_missing(location: str, store: Store, storage_options: dict | None) ->
     if location.startswith("s3://"):
         _check_bucket(location, store, storage_options)
     if is_http(location):
+        fs, path = _fs_and_path(store)
+        # fsspec's exists() is False for any failure: ask again, strictly, so that a server
+        # error (HTTP 500, 403, ...) is reported as what it is, not as a missing store
+        with contextlib.suppress(FileNotFoundError):
+            sync(fs._exists(f"{path}/{METADATA_KEY}", strict=True))
         raise StoreNotFoundError(f"no store at {location} (HTTP 404 for {location}/{METADATA_KEY}); check the URL")
     raise StoreNotFoundError(f"no store at {location} (no {METADATA_KEY} there); check the URL")
 
