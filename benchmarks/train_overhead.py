@@ -29,6 +29,10 @@ from ``DistillDataset.__getitems__``, forward, loss, backward, Adam step):
                           train``): the method's loss-ready rows (teacher softmax at T and its
                           log, prepared once from the preloaded arrays), one row gather per
                           batch, ``kd`` method;
+* ``kd ... autograd``  -- the same loss-ready rows, the KD loss written as plain torch ops
+                          (``T^2 <p, log p - log_softmax(z / T)> / B + CE``) whose gradient
+                          autograd derives: what the fused KD node
+                          (``softlabels/losses/kd_loss.py``) must beat to earn its place;
 * ``kd, raw fields``   -- the same store read without preparation (``prepare=False``): the batch
                           carries top-k values/indices + normaliser and the loss rebuilds the
                           target every step (the path before loss-ready rows);
@@ -66,11 +70,12 @@ import torch
 import torch.nn.functional as F
 
 from softlabels.datasets import load_dataset
-from softlabels.distill_data import DistillDataset, StoreBatchSampler, store_dataset_metadata
+from softlabels.data import DistillDataset, StoreBatchSampler, store_dataset_metadata
 from softlabels.fit import fit_classifier
 from softlabels.losses import build_method, kd_loss
 from softlabels.models import build_model
 from softlabels.stores.from_logits import write_store_from_logits
+from softlabels.targets import TeacherTarget
 
 T, CE_W, KD_W = 4.0, 0.1, 0.9
 CE, BARE, DENSE, STORE, RAW, ONLINE = (
@@ -81,6 +86,7 @@ CE, BARE, DENSE, STORE, RAW, ONLINE = (
     "kd from store, raw fields/step",
     "kd online (teacher forward)",
 )
+AUTOGRAD = "kd from store, autograd gradient"
 
 
 def command_line() -> str:
@@ -152,6 +158,12 @@ def main() -> None:
     def loss_store(batch, logits):
         return kd(logits, batch["label"], batch["targets"]).total
 
+    def loss_autograd(batch, logits):
+        t = TeacherTarget.from_fields(batch["targets"], kd.prepared_prefix)  # dense [B, C] rows here (C = 10)
+        z = logits.float()
+        kl = torch.vdot(t.probs.reshape(-1), (t.log_probs - torch.log_softmax(z / T, dim=-1)).reshape(-1))
+        return KD_W * (T * T / z.shape[0]) * kl + CE_W * F.cross_entropy(z, batch["label"])
+
     def loss_online(batch, logits):
         with torch.no_grad():
             probs = torch.softmax(teacher(batch["input"]) / T, dim=-1)
@@ -162,6 +174,7 @@ def main() -> None:
         BARE: (plain, loss_bare),
         DENSE: (plain, loss_dense),
         STORE: (from_store, loss_store),
+        AUTOGRAD: (from_store, loss_autograd),
         RAW: (raw_fields, loss_store),
         ONLINE: (plain, loss_online),
     }
@@ -263,6 +276,12 @@ def main() -> None:
               f"  raw fields {100 * (ratio[RAW][1] - 1):+.1f}%;  dense-cache KD {100 * (ratio[DENSE][1] - 1):+.1f}%;"
               f"  online KD {100 * (ratio[ONLINE][1] - 1):+.1f}%;"
               f"  bare F.ce {100 * (ratio[BARE][1] - 1):+.1f}%")
+    print()
+    print("fused KD node vs autograd on the same loss-ready rows (keep it only if it saves >= 2% of the step):")
+    for arch, bs, ratio, _ in summary:
+        saved = ratio[AUTOGRAD][1] - ratio[STORE][1]
+        print(f"  {arch:4s} batch {bs:4d}: fused {100 * (ratio[STORE][1] - 1):+6.1f}%, autograd "
+              f"{100 * (ratio[AUTOGRAD][1] - 1):+6.1f}% vs ce -> the fused node saves {100 * saved:+.1f}% of a ce step")
     tmp.cleanup()
 
 

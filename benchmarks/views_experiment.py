@@ -65,7 +65,7 @@ def train_online(job: dict[str, Any]) -> dict[str, Any]:
     with teacher targets computed on the fly on the student's augmented view."""
     from softlabels.augment import get_student_augment
     from softlabels.datasets import load_dataset
-    from softlabels.distill_data import StoreBatchSampler
+    from softlabels.data import StoreBatchSampler
     from softlabels.fit import evaluate_accuracy
     from softlabels.losses import build_method
     from softlabels.stores import format as fmt

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from softlabels.datasets.spec import Param, format_params, parse_params, split_name
+from softlabels.datasets.info import in_memory
 from softlabels.errors import SpecError
+from softlabels.splitmix import splitmix64
 
 __all__ = [
     "AUGMENT_VERSION",
@@ -53,17 +55,6 @@ __all__ = [
 ]
 
 AUGMENT_VERSION = 1
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
 
 
 def counter_uniform(key: tuple[int, ...], index: np.ndarray, views: int) -> np.ndarray:
@@ -71,16 +62,16 @@ def counter_uniform(key: tuple[int, ...], index: np.ndarray, views: int) -> np.n
     splitmix64 chained over the key words, the index and the view number."""
     h = np.zeros((), dtype=np.uint64)
     for word in key:
-        h = _splitmix64(h ^ np.uint64(int(word) & 0xFFFFFFFFFFFFFFFF))
-    rows = _splitmix64(h ^ np.asarray(index, dtype=np.uint64))
-    return _splitmix64(rows[:, None] ^ (np.arange(views, dtype=np.uint64)[None, :] + np.uint64(1)))
+        h = splitmix64(h ^ np.uint64(int(word) & 0xFFFFFFFFFFFFFFFF))
+    rows = splitmix64(h ^ np.asarray(index, dtype=np.uint64))
+    return splitmix64(rows[:, None] ^ (np.arange(views, dtype=np.uint64)[None, :] + np.uint64(1)))
 
 
 def eval_inputs(dataset: Any, index: np.ndarray) -> torch.Tensor:
     """The dataset's eval-preprocessed inputs for ``index`` as one tensor."""
-    inputs = getattr(dataset, "inputs", None)
-    if isinstance(inputs, torch.Tensor):
-        return inputs[torch.from_numpy(np.asarray(index, dtype=np.int64))]
+    tensors = in_memory(dataset)
+    if tensors is not None:
+        return tensors[0][torch.from_numpy(np.asarray(index, dtype=np.int64))]
     return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in index])
 
 

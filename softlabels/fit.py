@@ -16,18 +16,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from softlabels.datasets.info import in_memory
+from softlabels.device import autocast_for
 from softlabels.errors import SpecError
+from softlabels.progress import EpochProgress
 
 __all__ = ["fit_classifier", "evaluate_accuracy", "DEFAULT_LR"]
 
 DEFAULT_LR = 1e-2
-
-
-def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
-    inputs, targets = getattr(dataset, "inputs", None), getattr(dataset, "targets", None)
-    if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor):
-        return inputs, targets
-    return None
 
 
 def _batches(dataset, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -35,7 +31,7 @@ def _batches(dataset, batch_size: int, generator: torch.Generator | None) -> Ite
     permutation, so a dataset without ``.inputs`` trains exactly like its in-memory twin."""
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    tensors = _tensors(dataset)
+    tensors = in_memory(dataset)
     if tensors is not None:
         inputs, targets = tensors
         for start in range(0, n, batch_size):
@@ -48,14 +44,18 @@ def _batches(dataset, batch_size: int, generator: torch.Generator | None) -> Ite
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, dataset, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on a labelled dataset (eval mode; the mode is restored)."""
+def evaluate_accuracy(model: nn.Module, dataset, batch_size: int = 1024, device: torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on a labelled dataset (eval mode; the mode is restored), on
+    ``device`` (default: the CPU, full precision) under its autocast."""
     was_training = model.training
     model.eval()
     correct = total = 0
+    device = device or torch.device("cpu")
     try:
         for x, y in _batches(dataset, batch_size, None):
-            correct += int((model(x).argmax(dim=-1) == y).sum())
+            with autocast_for(device, training=True):
+                pred = model(x.to(device, non_blocking=True)).argmax(dim=-1).cpu()
+            correct += int((pred == y).sum())
             total += int(y.shape[0])
     finally:
         model.train(was_training)
@@ -63,7 +63,7 @@ def evaluate_accuracy(model: nn.Module, dataset, batch_size: int = 1024) -> floa
 
 
 def _check_labelled(dataset, role: str) -> None:
-    tensors = _tensors(dataset)
+    tensors = in_memory(dataset)
     if tensors is not None and bool((tensors[1] < 0).any()):
         raise SpecError(f"the {role} set is unlabeled (label -1); fit a classifier on a labelled split")
 
@@ -107,7 +107,7 @@ def fit_classifier(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
         loss_fn = nn.CrossEntropyLoss()
         model.train()
-        with _Progress(progress, epochs) as advance:
+        with EpochProgress(progress, epochs, "fit", transient=True) as bar:
             for epoch in range(epochs):
                 total_loss = 0.0
                 for x, y in _batches(train_set, batch_size, generator):
@@ -117,7 +117,7 @@ def fit_classifier(
                     optimizer.step()
                     scheduler.step()
                     total_loss += float(loss.detach()) * y.shape[0]
-                advance(epoch + 1, total_loss / n)
+                bar.update(epoch + 1, total_loss / n)
     model.eval()
     return {
         "train_accuracy": evaluate_accuracy(model, train_set),
@@ -125,40 +125,3 @@ def fit_classifier(
         "epochs": epochs,
         "seconds": time.perf_counter() - start,
     }
-
-
-class _Progress:
-    """Rich progress bar on stderr (stdout stays for results); a no-op when disabled or when
-    stderr is not a terminal."""
-
-    def __init__(self, enabled: bool, epochs: int) -> None:
-        self.enabled, self.epochs = enabled, epochs
-        self.bar = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            console = Console(stderr=True)
-            self.bar = Progress(
-                TextColumn("[bold]fit[/] epoch"),
-                MofNCompleteColumn(),
-                BarColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-                disable=not console.is_terminal,  # no stray blank lines in logs and pipes
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task("fit", total=self.epochs, loss="-")
-        return self.advance
-
-    def advance(self, epoch: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=epoch, loss=f"{loss:.4f}")
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)

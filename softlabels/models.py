@@ -23,43 +23,37 @@ import torch
 from torch import nn
 
 from softlabels.errors import SpecError
+from softlabels.registry import Registry
 
 __all__ = ["register_model", "build_model", "list_models"]
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
-_REGISTRY: dict[str, ModelFactory] = {}
+_REGISTRY: Registry[ModelFactory] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator: register ``factory(input_shape, num_classes) -> nn.Module`` as ``name``."""
-
-    def decorate(factory: ModelFactory) -> ModelFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"model '{name}' is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
+    return _REGISTRY.register(name)
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Instantiate a registered architecture for inputs of ``input_shape`` (one sample)."""
     key = arch.strip().lower()
-    if key not in _REGISTRY:
-        raise SpecError(
-            f"unknown architecture '{arch}'; built-ins: {', '.join(list_models())} "
-            "(any other model: torchvision:<name>, timm:<name> or package.module:factory)"
-        )
+    factory = _REGISTRY.get(
+        key,
+        f"unknown architecture '{arch}'; built-ins: {', '.join(list_models())} "
+        "(any other model: torchvision:<name>, timm:<name> or package.module:factory)",
+    )
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d <= 0 for d in shape):
         raise SpecError(f"{key}: input shape {shape} must be non-empty with positive sizes")
     if num_classes < 1:
         raise SpecError(f"{key}: num_classes must be >= 1, got {num_classes}")
-    return _REGISTRY[key](shape, int(num_classes))
+    return factory(shape, int(num_classes))
 
 
 class MLP(nn.Module):

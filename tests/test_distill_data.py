@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from softlabels.datasets import InMemoryDataset, load_dataset
-from softlabels.distill_data import (
+from softlabels.data import (
     BatchIndices,
     ConcatDistillDataset,
     DistillDataset,

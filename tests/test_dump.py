@@ -65,9 +65,16 @@ def test_ray_dump_equals_in_process_teacher(ray_session, tmp_path, mnist1d_teach
     assert verify_store(tmp_path / "s").ok
 
 
-def test_actor_killed_mid_run_is_retried(ray_session, tmp_path, mnist1d_teacher):
-    from softlabels.pipelines import ray_dump
+def kill_actor_process(actor) -> int:
+    """SIGKILL the process of a live actor (a real crash, not a mock)."""
+    import ray
 
+    pid = ray.get(actor.pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_actor_killed_mid_run_is_retried(ray_session, tmp_path, mnist1d_teacher):
     killed = []
     store_path = tmp_path / "s"
 
@@ -80,7 +87,7 @@ def test_actor_killed_mid_run_is_retried(ray_session, tmp_path, mnist1d_teacher)
                 except Exception:  # noqa: BLE001 - store not created yet
                     done = np.zeros(1)
                 if done.sum() >= 2:
-                    killed.append(ray_dump.kill_actor_process(actors[0]))
+                    killed.append(kill_actor_process(actors[0]))
                     return
                 time.sleep(0.01)
 

@@ -62,7 +62,7 @@ def test_unknown_arch_and_bad_shapes():
 
 
 def test_register_model_decorator(monkeypatch):
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models._REGISTRY, "_entries", dict(models._REGISTRY._entries))
 
     @register_model("tiny")
     def tiny(input_shape, num_classes):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from softlabels.datasets import load_dataset
-from softlabels.distill_data import DistillDataset, StoreDatasetMismatchError, store_dataset_metadata
+from softlabels.data import DistillDataset, StoreDatasetMismatchError, store_dataset_metadata
 from softlabels.stores import format as fmt
 from softlabels.stores.from_logits import write_store_from_logits
 

@@ -152,7 +152,7 @@ def test_every_file_every_region_flip_is_detected(tiny_store):
 
 def test_train_refuses_a_store_being_written(tmp_path, cli):
     from softlabels.datasets import load_dataset
-    from softlabels.distill_data import store_dataset_metadata
+    from softlabels.data import store_dataset_metadata
     from softlabels.stores.writer import StoreWriter
 
     _, info = load_dataset("digits", "train")

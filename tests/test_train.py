@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from softlabels.cli.app import app
 from softlabels.datasets import load_dataset
-from softlabels.distill_data import DistillDataset, store_dataset_metadata
+from softlabels.data import DistillDataset, store_dataset_metadata
 from softlabels.errors import InvalidTargetsError, SoftlabelsError, SpecError, StoreNotFoundError
 from softlabels.fit import fit_classifier
 from softlabels.losses import build_method, kd_loss

@@ -8,7 +8,7 @@ import torch
 
 from softlabels.augment import get_policy, get_student_augment, roll_rows
 from softlabels.datasets import load_dataset
-from softlabels.distill_data import BatchIndices, DistillDataset
+from softlabels.data import BatchIndices, DistillDataset
 from softlabels.errors import SpecError
 from softlabels.pipelines.dump import plan_store, run_dump
 from softlabels.pipelines.predictor import DumpConfig, TeacherPredictor
@@ -328,6 +328,6 @@ def test_replay_path_never_imports_the_teacher():
     import subprocess
     import sys
 
-    code = ("import sys, softlabels.augment, softlabels.distill_data, softlabels.train; "
+    code = ("import sys, softlabels.augment, softlabels.data, softlabels.train; "
             "print(sorted(m for m in sys.modules if m.startswith(('softlabels.teachers', 'softlabels.pipelines'))))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from softlabels.datasets import load_dataset
-from softlabels.distill_data import store_dataset_metadata
+from softlabels.data import store_dataset_metadata
 from softlabels.stores.from_logits import write_store_from_logits
 
 PER_SAMPLE = ["topk_values", "topk_indices", "logsumexp", "label_logit", "labels", "features/penultimate"]

@@ -39,32 +39,15 @@ def _root(
 
 
 def _register() -> None:
-    from softlabels.cli import store_commands
+    from softlabels.cli import copy, dump, store_commands, teacher, train
 
     store_commands.register(app)
-    try:
-        from softlabels.cli.teacher import teacher_app
-    except ImportError:  # pragma: no cover - during bootstrapping only
-        teacher_app = None
-    if teacher_app is not None:
-        app.add_typer(teacher_app, name="teacher")
-    for module in ("dump", "train", "copy"):
-        try:
-            mod = __import__(f"softlabels.cli.{module}", fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"softlabels.cli.{module}":
-                raise
-            continue
-        mod.register(app)
+    app.add_typer(teacher.teacher_app, name="teacher")
+    for module in (dump, train, copy):
+        module.register(app)
 
 
 _register()
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error and exit (for CLI-level problems found outside the library)."""
-    sys.stderr.write(f"error: {message}\n")
-    raise SystemExit(code)
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:

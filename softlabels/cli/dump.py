@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from softlabels.cli.options import parse_storage_options, storage_option_flag
 from softlabels.errors import SoftlabelsError
 from softlabels.pipelines.predictor import PENULTIMATE, DumpConfig
+from softlabels.stores.format import VALUE_DTYPES
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
             "crop-flip[:min_scale=0.08,...] (imagefolder). See docs/FORMAT.md 'Augmentation'.",
         ),
         augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the augmentation parameters (keyed by seed, sample, view)."),
-        value_dtype: str = typer.Option("float16", help="Storage dtype of logits: float16 or float32."),
+        value_dtype: str = typer.Option(VALUE_DTYPES[0], help=f"Storage dtype of logits: {' or '.join(VALUE_DTYPES)}."),
         batch_size: int = typer.Option(256, help="Teacher batch size."),
         loader_workers: int = typer.Option(
             1, min=0, help="Decoding processes per Ray worker for file datasets (images); they run ahead across units. 0 decodes in the worker itself."
@@ -64,8 +65,8 @@ def register(app: typer.Typer) -> None:
             raise SoftlabelsError(f"--k must be at least 1, got {k}")
         if workers is not None and workers < 1:
             raise SoftlabelsError(f"--workers must be at least 1, got {workers}")
-        if value_dtype not in ("float16", "float32"):
-            raise SoftlabelsError(f"--value-dtype must be float16 or float32, got {value_dtype!r}")
+        if value_dtype not in VALUE_DTYPES:
+            raise SoftlabelsError(f"--value-dtype must be {' or '.join(VALUE_DTYPES)}, got {value_dtype!r}")
         from softlabels.pipelines.dump import check_views
 
         check_views(views, augment)

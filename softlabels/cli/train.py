@@ -8,8 +8,9 @@ from typing import Any
 import typer
 
 from softlabels.cli.options import parse_key_values, parse_storage_options, storage_option_flag
+from softlabels.losses import list_methods
+from softlabels.train import DEFAULTS
 
-METHODS = "ce, ls, kd, kd-topk, kd-pt, kd-sim, kd-pt+sim, hint"
 
 
 def parse_hparams(items: list[str] | None) -> dict[str, Any]:
@@ -29,13 +30,13 @@ def register(app: typer.Typer) -> None:
         ),
         dataset: str = typer.Option(..., "--dataset", help="Dataset spec the stores were dumped from, e.g. mnist1d."),
         student: str = typer.Option("builtin:mlp", "--student", help="Student spec: builtin:<arch> (mlp, cnn, ...)."),
-        method: str = typer.Option(..., "--method", help=f"Distillation method: {METHODS}."),
+        method: str = typer.Option(..., "--method", help=f"Distillation method: {', '.join(list_methods(registration_order=True))}."),
         temperature: float = typer.Option(None, "--temperature", "-T", help="One of the store's temperatures (default: the method's, 4)."),
         k: int = typer.Option(None, "--k", help="Use the first k stored top-k logits (default: all stored)."),
-        epochs: int = typer.Option(60, "--epochs", help="Training epochs."),
-        seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling and view selection."),
-        batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
-        lr: float = typer.Option(1e-2, "--lr", help="Adam learning rate (cosine decay to 0)."),
+        epochs: int = typer.Option(DEFAULTS["epochs"], "--epochs", help="Training epochs."),
+        seed: int = typer.Option(DEFAULTS["seed"], "--seed", help="Seed for initialisation, shuffling and view selection."),
+        batch_size: int = typer.Option(DEFAULTS["batch_size"], "--batch-size", help="Batch size."),
+        lr: float = typer.Option(DEFAULTS["lr"], "--lr", help="Adam learning rate (cosine decay to 0)."),
         hparam: list[str] = typer.Option(
             None, "--hparam", help="Method hyperparameter KEY=VALUE (repeatable), e.g. ce_weight=0 or mode=two-stage."
         ),

@@ -56,6 +56,15 @@ class DatasetInfo:
         return hash((self.spec, self.split, self.num_samples, self.content_sha256))
 
 
+def in_memory(dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(inputs, targets)`` of a dataset held as two tensors (an :class:`InMemoryDataset` or
+    alike), which callers index with a whole batch at once; None for any other dataset."""
+    inputs, targets = getattr(dataset, "inputs", None), getattr(dataset, "targets", None)
+    if isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+        return inputs, targets
+    return None
+
+
 class InMemoryDataset(torch.utils.data.Dataset):
     """A split held as two tensors: ``inputs`` float32 ``[N, *input_shape]`` and ``targets``
     int64 ``[N]`` (``-1`` where unlabeled).

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softlabels.errors import InvalidTargetsError, SoftlabelsError, SpecError, StoreExistsError
+from softlabels.data.provenance import store_dataset_metadata
+from softlabels.errors import InvalidTargetsError, SoftlabelsError, SpecError
+from softlabels.fields import check_k_range
 from softlabels.pipelines.predictor import DumpConfig, TeacherPredictor
 from softlabels.stores import format as fmt
-from softlabels.stores.location import HTTP_READ_ONLY, is_http, is_remote, location_exists, resolve_storage_options
-from softlabels.stores.writer import StoreWriter
+from softlabels.stores.location import HTTP_READ_ONLY, is_http, is_remote, resolve_storage_options
+from softlabels.stores.writer import StoreWriter, check_create_mode
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,9 @@ class DumpResult:
 
 def check_output(out: str, *, resume: bool, overwrite: bool, storage_options: dict | None = None) -> None:
     """Cheap checks before the teacher is loaded: existing output, writable parent."""
-    if resume and overwrite:
-        raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
     if is_http(out):
         raise SoftlabelsError(f"cannot write {out}: {HTTP_READ_ONLY}")
-    if location_exists(out, storage_options) and not (resume or overwrite):
-        raise StoreExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
+    check_create_mode(out, resume=resume, overwrite=overwrite, storage_options=storage_options)
     if not is_remote(out):
         parent = Path(out).absolute().parent
         while not parent.exists():
@@ -84,19 +83,14 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
             f"dataset {info.spec} has labels up to {int(info.labels.max())} but the teacher outputs "
             f"{num_classes} classes; use a teacher trained on this label set"
         )
-    if not 1 <= config.k <= num_classes:
-        raise InvalidTargetsError(
-            f"k={config.k} is outside 1..{num_classes} (the teacher has {num_classes} classes); "
-            f"pass --k between 1 and {num_classes}"
-        )
+    check_k_range(config.k, num_classes)
     check_views(config.views, config.augment)
     predictor.policy.check_dataset(predictor.dataset, info)
     augmentation = None
     if predictor.augmented:
         augmentation = predictor.policy.metadata(config.augment_seed)
     weight, bias = classifier_parameters(teacher)
-    dataset = info.to_dict()
-    dataset["labels_sha256"] = fmt.labels_fingerprint(info.labels) if info.labels is not None else None
+    dataset = store_dataset_metadata(info)
     teacher_meta = teacher.to_dict()
     teacher_meta["feature_dims"] = probe["features"]
     teacher_meta["weights_file"] = os.path.basename(config.weights) if config.weights else None

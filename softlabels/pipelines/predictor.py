@@ -8,7 +8,6 @@ directly.
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from softlabels.datasets.info import in_memory
+from softlabels.device import autocast_for, pick_device
 from softlabels.stores import format as fmt
 from softlabels.stores.writer import StoreWriter
 from softlabels.targets import summarize_logits
@@ -62,18 +63,6 @@ class DumpConfig:
 def feature_store_name(layer: str) -> str:
     """Array name under ``features/`` for a module name (``layer4.1`` -> ``layer4.1``)."""
     return layer.replace("/", "_")
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when supported (fp16 otherwise); full precision on CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -217,7 +206,7 @@ class TeacherPredictor:
         return Loaded(self.dataset, self.info, self.teacher)
 
     def _in_memory(self) -> bool:
-        return isinstance(getattr(self.dataset, "inputs", None), torch.Tensor)
+        return in_memory(self.dataset) is not None
 
     def _batches(self, start: int, stop: int):
         """Input batches of rows ``[start, stop)``: slices of an in-memory dataset, else from the

@@ -239,13 +239,3 @@ def _signals_deferred():
         for sig, handler in saved.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
-
-def kill_actor_process(actor) -> int:
-    """Test helper: SIGKILL the process of a live actor (a real crash, not a mock)."""
-    import signal
-
-    import ray
-
-    pid = ray.get(actor.pid.remote())
-    os.kill(pid, signal.SIGKILL)
-    return pid

@@ -14,19 +14,24 @@ from typing import Any
 import numpy as np
 
 from softlabels.errors import InvalidTargetsError
+# The per-sample field names live in softlabels.fields (the one list); re-exported here.
+from softlabels.fields import (
+    AUGMENT_PREFIX,
+    FEATURES_PREFIX,
+    FIELDS,
+    LABEL_LOGIT,
+    LABELS,
+    LOGSUMEXP,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    check_k_range,
+)
 
 FORMAT_NAME = "softlabels"
 FORMAT_VERSION = "1.2"  # 1.1: metadata_sha256, label_in_topk, augment/<param>; 1.2: run_id, generation, store_digest
 FORMAT_MAJOR = 1
 ATTRS_KEY = "softlabels"
 
-TOPK_VALUES = "topk_values"
-TOPK_INDICES = "topk_indices"
-LOGSUMEXP = "logsumexp"
-LABEL_LOGIT = "label_logit"
-LABELS = "labels"
-FEATURES_PREFIX = "features/"
-AUGMENT_PREFIX = "augment/"
 AUGMENT_DTYPES = ("uint8", "int16", "int32")
 CLASSIFIER_WEIGHT = "teacher/classifier_weight"
 CLASSIFIER_BIAS = "teacher/classifier_bias"
@@ -134,11 +139,7 @@ class StoreSchema:
             _bounded("feature dim", int(dim), MAX_FEATURE_DIM)
         if self.num_classes < 2:
             raise InvalidTargetsError(f"a classifier needs at least 2 classes, got num_classes={self.num_classes}")
-        if not 1 <= self.k <= self.num_classes:
-            raise InvalidTargetsError(
-                f"k={self.k} is outside 1..{self.num_classes} (the teacher has {self.num_classes} "
-                f"classes); pass --k between 1 and {self.num_classes}"
-            )
+        check_k_range(self.k, self.num_classes)
         temps = tuple(float(t) for t in self.temperatures)
         if not temps or any(not math.isfinite(t) or t <= 0 for t in temps):
             raise InvalidTargetsError(f"temperatures must be positive numbers, got {list(self.temperatures)}")
@@ -208,14 +209,12 @@ class StoreSchema:
                 per_sample=True,
             )
 
+        dtypes = {"value": self.value_dtype, "index": self.index_dtype}
         specs = [
-            spec(TOPK_VALUES, (v, self.k), self.value_dtype),
-            spec(TOPK_INDICES, (v, self.k), self.index_dtype),
-            spec(LOGSUMEXP, (v, len(self.temperatures)), "float32"),
+            spec(f.name, f.shape(v, self.k, len(self.temperatures)), dtypes.get(f.dtype, f.dtype))
+            for f in FIELDS
+            if self.labeled or not f.labeled_only
         ]
-        if self.labeled:
-            specs.append(spec(LABEL_LOGIT, (v,), self.value_dtype))
-            specs.append(spec(LABELS, (), "int32"))
         for name, dim in self.features:
             specs.append(spec(FEATURES_PREFIX + name, (v, dim), FEATURE_DTYPE))
         for name, aug in dict((self.augmentation or {}).get("arrays", {})).items():

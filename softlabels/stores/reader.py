@@ -17,18 +17,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import WrapperStore
-
-from softlabels.errors import (
-    DamagedStoreError,
-    IncompleteStoreError,
-    NotAStoreError,
-    SoftlabelsError,
-    StoreNotFoundError,
-)
+from softlabels.errors import IncompleteStoreError, NotAStoreError, StoreNotFoundError
 from softlabels.stores import format as fmt
+from softlabels.stores.guard import CompleteStoreGuard, MissingArrayError, read_error
 from softlabels.stores.location import bytes_on_disk, is_remote, location_exists, open_zarr_store
 from softlabels.stores.metadata import StoreMetadata, read_metadata
 from softlabels.targets import temperature_index
@@ -51,59 +42,6 @@ def open_store(
         location, allow_incomplete=allow_incomplete, cache_bytes=cache_bytes, storage_options=storage_options,
         zarr_store=zarr_store,
     )
-
-
-class CompleteStoreGuard(WrapperStore):
-    """Reads of a store marked complete: a missing chunk (or shard) of one of its arrays is
-    damage, never zarr's fill value. Every chunk of a complete store is written, even when it
-    equals the fill value (FORMAT.md §4), so a missing one was lost or deleted."""
-
-    arrays: tuple[str, ...] = ()
-    location: str = ""
-    rows_per_shard: int = 1
-
-    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
-        value = await self._store.get(key, prototype, byte_range)
-        if value is None:
-            self._missing(key)
-        return value
-
-    async def get_partial_values(self, prototype, key_ranges):
-        values = await self._store.get_partial_values(prototype, key_ranges)
-        for (key, _), value in zip(key_ranges, values):
-            if value is None:
-                self._missing(key)
-        return values
-
-    def _missing(self, key: str) -> None:
-        name, sep, index = key.partition("/c/")
-        if not sep or name not in self.arrays:
-            return
-        first = index.split("/")[0]
-        rows = ""
-        if first.isdigit() and name not in ("units/complete", "units/sha256"):
-            start = int(first) * self.rows_per_shard
-            rows = f" (rows {start}..{start + self.rows_per_shard - 1})"
-        raise DamagedStoreError(
-            f"{self.location} is damaged: chunk {key} of array {name} is missing{rows}, yet the store is marked "
-            f"complete; run `softlabels verify {self.location}`"
-        )
-
-
-class MissingArrayError(DamagedStoreError, KeyError):
-    """An array the schema names is not in the store (being created, or lost)."""
-
-    __str__ = Exception.__str__
-
-
-def read_error(location: str, name: str, rows: str, exc: BaseException) -> SoftlabelsError:
-    """One line for a failure to read an array, without echoing the exception's text (a chunk
-    may be a link to another file, and a decoder may quote the bytes it read)."""
-    if isinstance(exc, SoftlabelsError):
-        return exc
-    text = str(exc).lower()
-    what = "fails its checksum" if "checksum" in text or "crc" in text else f"cannot be decoded ({type(exc).__name__})"
-    return DamagedStoreError(f"{location} is damaged: array {name} {what} at rows {rows}; run `softlabels verify {location}`")
 
 
 def _frozen(block: np.ndarray) -> np.ndarray:
@@ -160,11 +98,8 @@ class SoftLabelStore:
                 f"{loc}: the softlabels metadata in its zarr.json is damaged ({type(exc).__name__}: {exc}); "
                 f"run `softlabels verify {loc}`"
             ) from None
-        if self.meta.status != "complete" and not self.allow_incomplete:
-            raise IncompleteStoreError(
-                f"{loc} is incomplete (status '{self.meta.status}'); finish it with "
-                "`softlabels dump ... --resume` before training from it"
-            )
+        if not self.allow_incomplete:
+            self.check_complete()
         if self.meta.status == "complete":
             store = CompleteStoreGuard(store)
             store.arrays = tuple(spec.name for spec in self.schema.all_arrays())
@@ -177,6 +112,14 @@ class SoftLabelStore:
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cache_used = 0
         self._lazy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def check_complete(self) -> None:
+        """Refuse a store whose dump has not finished (the one "store is incomplete" check)."""
+        if self.meta.status != "complete":
+            raise IncompleteStoreError(
+                f"{self.location} is incomplete (status '{self.meta.status}'); finish it with "
+                "`softlabels dump ... --resume` before training from it"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         return {

@@ -30,6 +30,7 @@ from softlabels.errors import (
     SchemaMismatchError,
     StoreExistsError,
 )
+from softlabels.fields import dimension_names
 from softlabels.stores import format as fmt
 from softlabels.stores.location import bytes_on_disk, location_exists, open_zarr_store, remove_location
 from softlabels.stores.digest import store_digest, unit_digest
@@ -43,13 +44,17 @@ from softlabels.stores.metadata import (
 from softlabels.stores.ownership import GENERATION_KEY, RUN_ID_KEY, check_owner, new_run_id
 from softlabels.stores.summary import compute_summary
 
-_DIMENSION_NAMES = {
-    fmt.TOPK_VALUES: ("sample", "view", "rank"),
-    fmt.TOPK_INDICES: ("sample", "view", "rank"),
-    fmt.LOGSUMEXP: ("sample", "view", "temperature"),
-    fmt.LABEL_LOGIT: ("sample", "view"),
-    fmt.LABELS: ("sample",),
-}
+
+
+def check_create_mode(location: str, *, resume: bool, overwrite: bool, storage_options: dict | None = None) -> bool:
+    """The one resume/overwrite rule: not both; an existing location needs one of them.
+    Returns whether the location exists."""
+    if resume and overwrite:
+        raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
+    exists = location_exists(location, storage_options)
+    if exists and not (resume or overwrite):
+        raise StoreExistsError(f"{location} already exists; pass --resume to continue it or --overwrite to replace it")
+    return exists
 
 
 def _now() -> str:
@@ -93,9 +98,7 @@ class StoreWriter:
         something that is a softlabels store.
         """
         loc = str(location)
-        if resume and overwrite:
-            raise StoreExistsError("--resume and --overwrite exclude each other; pass one of them")
-        exists = location_exists(loc, storage_options)
+        exists = check_create_mode(loc, resume=resume, overwrite=overwrite, storage_options=storage_options)
         if exists and resume:
             writer = cls(loc, storage_options=storage_options)
             diffs = writer.schema.differences(schema)
@@ -108,12 +111,8 @@ class StoreWriter:
             writer._take_ownership()
             writer._ensure_arrays(classifier_weight, classifier_bias)
             return writer
-        if exists and not overwrite:
-            raise StoreExistsError(
-                f"{loc} already exists; pass --resume to continue it or --overwrite to replace it"
-            )
         generation = 1
-        if exists and overwrite:
+        if exists:  # and overwrite (check_create_mode refused the rest)
             generation = _check_is_store_before_delete(loc, storage_options) + 1
             remove_location(loc, storage_options)
         _check_constants(schema, classifier_weight, classifier_bias)
@@ -167,7 +166,7 @@ class StoreWriter:
                 chunks=spec.chunks,
                 shards=spec.shards,
                 fill_value=0,
-                dimension_names=_DIMENSION_NAMES.get(spec.name),
+                dimension_names=dimension_names(spec.name),
                 **fmt.codecs_for(spec),
             )
         constants = {fmt.CLASSIFIER_WEIGHT: classifier_weight, fmt.CLASSIFIER_BIAS: classifier_bias}
