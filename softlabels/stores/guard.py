@@ -58,6 +58,14 @@ def read_error(location: str, name: str, rows: str, exc: BaseException) -> Softl
     may be a link to another file, and a decoder may quote the bytes it read)."""
     if isinstance(exc, SoftlabelsError):
         return exc
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"ClientError", "ConnectionError", "TimeoutError", "BotoCoreError", "ClientResponseError"} or (
+        "OSError" in names and "FileNotFoundError" not in names
+    ):
+        return SoftlabelsError(
+            f"reading array {name} (rows {rows}) of {location} failed: {type(exc).__name__} "
+            f"({' '.join(str(exc).split())[:120]}); check the network or the disk and retry"
+        )
     text = str(exc).lower()
     what = "fails its checksum" if "checksum" in text or "crc" in text else f"cannot be decoded ({type(exc).__name__})"
     return DamagedStoreError(f"{location} is damaged: array {name} {what} at rows {rows}; run `softlabels verify {location}`")
