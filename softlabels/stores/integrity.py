@@ -32,6 +32,9 @@ def why(exc: BaseException) -> str:
     text = str(exc).lower()
     if "checksum" in text or "crc" in text:
         return "checksum mismatch"
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"ClientError", "ConnectionError", "TimeoutError", "BotoCoreError"}:
+        return f"could not be read ({type(exc).__name__}: a network error, not necessarily damage; retry)"
     return f"cannot be decoded ({type(exc).__name__})"
 
 
