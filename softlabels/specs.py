@@ -102,7 +102,13 @@ def _factory(module_name: str, attr: str, num_classes: int | None, role: str) ->
     except (TypeError, ValueError):  # builtins without a signature
         params = {}
     takes_classes = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    model = factory(num_classes=num_classes) if takes_classes and num_classes is not None else factory()
+    try:  # user code (README: package.module:factory runs that module's code)
+        model = factory(num_classes=num_classes) if takes_classes and num_classes is not None else factory()
+    except SystemExit as exc:
+        raise SpecError(
+            f"{role} factory {module_name}:{attr}() tried to exit the program (SystemExit {exc.code!r}); a factory must "
+            "return a torch.nn.Module"
+        ) from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"{module_name}:{attr}() returned {type(model).__name__}, not a torch.nn.Module")
     return model

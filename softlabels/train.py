@@ -75,6 +75,7 @@ class TrainConfig:
     preload_bytes: int = 1 << 30
     shuffle: str = "auto"
     resume: bool = False
+    expect_digests: Sequence[str] | None = None  # --expect-digest, one per store (softlabels.stores.integrity)
 
 
 def default_preload_bytes() -> int:
@@ -120,6 +121,7 @@ def train_student(
     max_preload_bytes: int | None = None,
     shuffle: str = "auto",
     resume: bool = False,
+    expect_digests: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``student_arch`` on ``dataset_spec`` with ``method`` from the store(s) at
     ``store_path`` (a path, a list of paths -- one per split, e.g. train + transfer -- or None
@@ -131,7 +133,8 @@ def train_student(
     held out of training, or ``eval_split=None``); ``student_augment`` adds a student-only
     augmentation the teacher never saw (see :mod:`softlabels.augment`). Returns the metrics also written to
     ``out_dir/metrics.json``; the student's ``state_dict`` goes to ``out_dir/student.pt``.
-    ``storage_options`` are fsspec options for remote stores (``s3://``, ``http(s)://``).
+    ``storage_options`` are fsspec options for remote stores (``s3://``, ``http(s)://``);
+    ``expect_digests`` pins each store's digest (``sha256:...``), in order.
 
     ``student_arch`` is any spec of :mod:`softlabels.specs` (``torchvision:resnet18``, ...).
     ``recipe`` (:class:`softlabels.recipe.Recipe`; default: Adam at ``lr``, cosine) sets the
@@ -151,7 +154,7 @@ def train_student(
         num_workers=num_workers, storage_options=storage_options, recipe=recipe, augment=augment,
         student_feature_layer=student_feature_layer,
         preload_bytes=default_preload_bytes() if max_preload_bytes is None else int(max_preload_bytes),
-        shuffle=shuffle, resume=resume,
+        shuffle=shuffle, resume=resume, expect_digests=expect_digests,
     )
     return run_training(config, warn=warn, on_epoch=on_epoch)
 

@@ -25,7 +25,8 @@ from softlabels.errors import InvalidTargetsError, SpecError
 from softlabels.fields import TOPK_INDICES, TOPK_VALUES
 from softlabels.fit import check_training_args
 from softlabels.losses import DistillationMethod, build_method, method_class, method_defaults
-from softlabels.stores.reader import SoftLabelStore, open_store
+from softlabels.stores.integrity import open_checked_stores
+from softlabels.stores.reader import SoftLabelStore
 from softlabels.student import StudentFeatures, build_student, check_student
 from softlabels.targets import check_k
 from softlabels.train_transforms import train_transform_for
@@ -104,7 +105,7 @@ def _open_stores(config: TrainConfig, cls: type[DistillationMethod], note) -> tu
         raise SpecError(
             f"method {config.method!r} reads teacher targets from a store; pass --store (a `softlabels dump` output)"
         )
-    stores = [open_store(p, storage_options=config.storage_options) for p in paths]
+    stores = open_checked_stores(paths, storage_options=config.storage_options, expect_digests=config.expect_digests)
     splits = [str(s.schema.dataset.get("split", "train")) for s in stores] or ["train"]
     if len(set(splits)) != len(splits):
         raise SpecError(f"two stores cover the same split ({', '.join(splits)}); pass one store per split")

@@ -112,6 +112,10 @@ def register(app: typer.Typer) -> None:
             0, "--threads", min=0, help="torch intra-op threads for this run (0: torch's default); 1 is often fastest "
             "on a busy machine.",
         ),
+        expect_digest: list[str] = typer.Option(
+            None, "--expect-digest", help="Refuse unless the store's digest (as `softlabels info` prints it) is this "
+            "sha256:...; repeat once per --store, in order. Pins exactly the store that was reviewed."
+        ),
         quiet: bool = flag("--quiet", "-q", help="No progress bar."),
         storage_option: list[str] = storage_option_flag(),
         out: Path = typer.Option(..., "--out", help="Output directory for student.pt, metrics.json and checkpoint.pt."),
@@ -159,6 +163,7 @@ def register(app: typer.Typer) -> None:
             student_augment=student_augment,
             num_workers=workers,
             storage_options=parse_storage_options(storage_option),
+            expect_digests=expect_digest or None,
             warn=lambda message: err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True),
         )
         acc = metrics["test_accuracy"]

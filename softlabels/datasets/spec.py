@@ -27,6 +27,7 @@ class Param:
     kind: str
     default: Any
     check: Callable[[Any], str | None] | None = None
+    maximum: float | None = None  # documented upper bound (README "Specs"): no spec may ask for a hang
 
 
 def positive(value: Any) -> str | None:
@@ -81,6 +82,8 @@ def parse_params(dataset: str, text: str, schema: dict[str, Param], *, sep: str 
         seen.add(key)
         values[key] = _convert(dataset, key, schema[key], raw.strip())
     for key, param in schema.items():
+        if param.maximum is not None and isinstance(values[key], (int, float)) and values[key] > param.maximum:
+            raise SpecError(f"{dataset}: {key}={_format_value(values[key])} is above its bound of {param.maximum:,}")
         if param.check is not None and values[key] is not None:
             problem = param.check(values[key])
             if problem:

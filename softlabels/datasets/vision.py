@@ -201,11 +201,13 @@ def _image_files(folder: str) -> list[str]:
 
 
 IMAGEFOLDER_SCHEMA = {
-    "size": Param("int", 256, positive),
-    "crop": Param("int", 224, positive),
+    "size": Param("int", 256, positive, maximum=8192),
+    "crop": Param("int", 224, positive, maximum=8192),
     "mean": Param("floats", IMAGENET_MEAN),
     "std": Param("floats", IMAGENET_STD),
-    "num_classes": Param("int", 0, lambda v: None if v >= 0 else "must be >= 0 (0: take it from the class folders)"),
+    "num_classes": Param(
+        "int", 0, lambda v: None if v >= 0 else "must be >= 0 (0: take it from the class folders)", maximum=1_000_000
+    ),
 }
 
 

@@ -150,6 +150,7 @@ def run_dump(
         config.out, schema, classifier_weight=weight, classifier_bias=bias, resume=resume, overwrite=overwrite,
         storage_options=config.storage_options,
     )
+    config = replace(config, run_id=writer.run_id)  # workers write only while this run owns the store
     pending = writer.pending_units()
     rows_pending = sum(stop - start for start, stop in map(schema.unit_range, pending))
     if on_start is not None:

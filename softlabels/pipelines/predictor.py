@@ -50,10 +50,13 @@ class DumpConfig:
     # fsspec options for a remote ``out`` (endpoint, credentials): travel to the workers with the
     # config because they may not share the driver's environment; never shown nor serialised.
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
+    # the dump run that owns the store (set by the driver): workers stop if the store changes owner
+    run_id: str | None = field(default=None, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("storage_options")  # may hold credentials
+        d.pop("run_id")
         d["temperatures"] = list(self.temperatures)
         d["feature_layers"] = list(self.feature_layers)
         return d
@@ -321,7 +324,9 @@ class TeacherPredictor:
 
     def writer(self) -> StoreWriter:
         if self._writer is None:
-            self._writer = StoreWriter(self.config.out, storage_options=self.config.storage_options)
+            self._writer = StoreWriter(
+                self.config.out, storage_options=self.config.storage_options, run_id=self.config.run_id
+            )
         return self._writer
 
     def write_unit(self, unit: int) -> dict[str, str]:

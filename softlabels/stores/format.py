@@ -30,7 +30,7 @@ from softlabels.fields import (
 FORMAT_NAME = "softlabels"
 FORMAT_VERSION = "1.2"  # 1.1: metadata_sha256, label_in_topk; optional augment/<param> arrays (multi-view dumps)
 # 1.2: the compact target codec; float16 log-probabilities clamped at -65504 (summary.float16_clamped);
-# crop-flip view 0 = the eval view
+# crop-flip view 0 = the eval view; run_id, generation, store_digest
 FORMAT_MAJOR = 1
 # Stores a reader older than this cannot decode record it (the compact codec: "1.2").
 MIN_READER_KEY = "min_reader_version"
@@ -67,6 +67,31 @@ DEFAULT_ROWS_PER_SHARD = 65_536
 DEFAULT_ROWS_PER_CHUNK = 8_192
 MIN_ROWS_PER_SHARD = 256
 TARGET_UNITS_SMALL_STORE = 16
+
+# Bounds on counts read from (untrusted) metadata, checked before anything of that size is
+# allocated or iterated (FORMAT.md §6 "Bounds"): far above any real store, far below a hang.
+MAX_SAMPLES = 2**40
+MAX_UNITS = 2**20
+MAX_CLASSES = 2**31 - 1
+MAX_VIEWS = 2**16
+MAX_FEATURE_DIM = 2**20
+MAX_TEMPERATURES = 64
+
+
+def newer_minor(version: object) -> bool:
+    """True for a ``format_version`` of this major with a newer minor: such a store may hold
+    arrays and keys this reader does not know, which it must ignore (not flag, but copy)."""
+    try:
+        major, minor = (int(x) for x in str(version).split(".")[:2])
+    except ValueError:
+        return False
+    return major == FORMAT_MAJOR and minor > int(FORMAT_VERSION.split(".")[1])
+
+
+def plain_name(name: str) -> bool:
+    """A feature or augmentation name becomes one path segment of an object key: it must not be
+    empty, ``.`` or ``..``, nor hold ``/``, ``\\`` or NUL (keys must stay inside the store)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\x00")
 
 
 def index_dtype(num_classes: int) -> str:
@@ -124,6 +149,12 @@ class StoreSchema:
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise InvalidTargetsError(f"a store needs at least one sample, got num_samples={self.num_samples}")
+        _bounded("num_samples", self.num_samples, MAX_SAMPLES)
+        _bounded("num_classes", self.num_classes, MAX_CLASSES)
+        _bounded("views", self.views, MAX_VIEWS)
+        _bounded("number of temperatures", len(self.temperatures), MAX_TEMPERATURES)
+        for _, dim in self.features:
+            _bounded("feature dim", int(dim), MAX_FEATURE_DIM)
         if self.num_classes < 2:
             raise InvalidTargetsError(f"a classifier needs at least 2 classes, got num_classes={self.num_classes}")
         check_k_range(self.k, self.num_classes)
@@ -141,13 +172,19 @@ class StoreSchema:
             raise InvalidTargetsError(f"value dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         feats = tuple((str(n), int(d)) for n, d in self.features)
         for name, dim in feats:
-            if not name or "/" in name or dim < 1:
-                raise InvalidTargetsError(f"bad feature array {name!r} with dim {dim}: names are plain, dims >= 1")
+            if not plain_name(name) or dim < 1:
+                raise InvalidTargetsError(
+                    f"bad feature array {name!r} with dim {dim}: names are plain (no '/', not '.' or '..'), dims >= 1"
+                )
         object.__setattr__(self, "features", feats)
         if not self.rows_per_shard or not self.rows_per_chunk:
             shard, chunk = default_layout(self.num_samples)
             object.__setattr__(self, "rows_per_shard", self.rows_per_shard or shard)
             object.__setattr__(self, "rows_per_chunk", self.rows_per_chunk or min(chunk, self.rows_per_shard or shard))
+        if self.rows_per_chunk < 1 or self.rows_per_shard < 1:
+            raise InvalidTargetsError(f"rows_per_shard and rows_per_chunk must be >= 1, got {self.rows_per_shard}, "
+                                      f"{self.rows_per_chunk}")
+        _bounded("num_units", -(-self.num_samples // self.rows_per_shard), MAX_UNITS)
         if self.rows_per_shard % self.rows_per_chunk:
             raise InvalidTargetsError(
                 f"rows_per_shard={self.rows_per_shard} must be a multiple of rows_per_chunk={self.rows_per_chunk}"
@@ -157,7 +194,7 @@ class StoreSchema:
         if self.augmentation is not None:
             object.__setattr__(self, "augmentation", dict(self.augmentation))
             for name, spec in dict(self.augmentation.get("arrays", {})).items():
-                if not name or "/" in name or spec.get("dtype") not in AUGMENT_DTYPES:
+                if not plain_name(name) or spec.get("dtype") not in AUGMENT_DTYPES:
                     raise InvalidTargetsError(
                         f"bad augmentation array {name!r} {spec!r}: names are plain, dtypes one of {AUGMENT_DTYPES}"
                     )
@@ -312,6 +349,11 @@ class StoreSchema:
             if a.get(key) != b.get(key):
                 out.append(f"{key}: store has {a.get(key)!r}, this run has {b.get(key)!r}")
         return out
+
+
+def _bounded(what: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise InvalidTargetsError(f"{what} = {value} exceeds this format's bound of {limit:,}")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

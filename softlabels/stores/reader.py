@@ -19,6 +19,7 @@ import zarr
 
 from softlabels.errors import IncompleteStoreError, NotAStoreError, StoreNotFoundError
 from softlabels.stores import format as fmt
+from softlabels.stores.guard import CompleteStoreGuard, MissingArrayError, read_error
 from softlabels.stores.location import bytes_on_disk, is_remote, location_exists, open_zarr_store
 from softlabels.stores.metadata import StoreMetadata, read_metadata
 
@@ -32,11 +33,14 @@ def open_store(
     allow_incomplete: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     storage_options: dict | None = None,
+    zarr_store: Any = None,
 ) -> SoftLabelStore:
     """Open a store read-only. Refuses stores that are still being written unless
-    ``allow_incomplete`` (used by ``info`` and ``verify``)."""
+    ``allow_incomplete`` (used by ``info`` and ``verify``). ``zarr_store``: read through this
+    zarr store instead of opening ``location`` (a staging copy being verified)."""
     return SoftLabelStore(
-        location, allow_incomplete=allow_incomplete, cache_bytes=cache_bytes, storage_options=storage_options
+        location, allow_incomplete=allow_incomplete, cache_bytes=cache_bytes, storage_options=storage_options,
+        zarr_store=zarr_store,
     )
 
 
@@ -60,18 +64,19 @@ class SoftLabelStore:
         allow_incomplete: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         storage_options: dict | None = None,
+        zarr_store: Any = None,
     ) -> None:
         self.location = str(location)
         self.allow_incomplete = allow_incomplete
         self.cache_bytes = int(cache_bytes)
         self.storage_options = storage_options
-        self._open()
+        self._open(zarr_store)
 
-    def _open(self) -> None:
+    def _open(self, given: Any = None) -> None:
         loc = self.location
-        if not is_remote(loc) and not os.path.exists(loc):
+        if given is None and not is_remote(loc) and not os.path.exists(loc):
             raise StoreNotFoundError(f"store {loc} does not exist; check the path (or run `softlabels dump` first)")
-        store = open_zarr_store(loc, read_only=True, storage_options=self.storage_options)
+        store = given or open_zarr_store(loc, read_only=True, storage_options=self.storage_options)
         try:
             group = zarr.open_group(store, mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -85,18 +90,23 @@ class SoftLabelStore:
             raise NotAStoreError(
                 f"{loc}: its zarr.json is damaged ({' '.join(str(exc).split())[:200]}); run `softlabels verify {loc}`"
             ) from None
-        self._zstore = store
-        self._group = group
         raw = read_metadata(group, loc)
         try:
             self.meta = StoreMetadata.from_raw(raw)
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise NotAStoreError(
                 f"{loc}: the softlabels metadata in its zarr.json is damaged ({type(exc).__name__}: {exc}); "
                 f"run `softlabels verify {loc}`"
             ) from None
         if not self.allow_incomplete:
             self.check_complete()
+        if self.meta.status == "complete":
+            store = CompleteStoreGuard(store)
+            store.arrays = tuple(spec.name for spec in self.schema.all_arrays())
+            store.location, store.rows_per_shard = loc, self.schema.rows_per_shard
+            group = zarr.open_group(store, mode="r", zarr_format=3)
+        self._zstore = store
+        self._group = group
         self._arrays: dict[str, zarr.Array] = {}
         self._memory: dict[str, np.ndarray] = {}
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -168,8 +178,14 @@ class SoftLabelStore:
             try:
                 self._arrays[name] = self._group[name]
             except KeyError:
-                available = ", ".join(s.name for s in self.schema.all_arrays())
-                raise KeyError(f"store has no array {name!r}; it has: {available}") from None
+                names = [s.name for s in self.schema.all_arrays()]
+                if name not in names:
+                    raise KeyError(f"the store format has no array {name!r}; a store has: {', '.join(names)}") from None
+                if self.meta.status != "complete":
+                    why = f"it is still being created (status '{self.meta.status}')"
+                else:
+                    why = f"the store is damaged; run `softlabels verify {self.location}`"
+                raise MissingArrayError(f"{self.location} has no array {name!r} yet: {why}") from None
         return self._arrays[name]
 
     def completed_units(self) -> np.ndarray:
@@ -200,12 +216,12 @@ class SoftLabelStore:
         if memory is not None:
             return memory.copy()
         if not self._decoded(name):
-            return self.array(name)[...]
+            return self._read(name, 0, self.num_samples)
         codec, schema = self._codec, self.schema
         parts = []
         for unit in range(schema.num_units):  # bounded memory: one unit's coded rows at a time
             start, stop = schema.unit_range(unit)
-            raw = {a: self.array(a)[start:stop] for a in codec.needs([name])}
+            raw = {a: self._read(a, start, stop) for a in codec.needs([name])}
             parts.append(codec.decode(raw, [name])[name])
         return np.concatenate(parts)
 
@@ -225,7 +241,7 @@ class SoftLabelStore:
             self._cache.move_to_end(key)
             return block
         rows = self.schema.rows_per_chunk
-        block = _frozen(self.array(name)[chunk * rows : (chunk + 1) * rows])
+        block = _frozen(self._read(name, chunk * rows, (chunk + 1) * rows))
         self._cache[key] = block
         self._cache_used += block.nbytes
         while self._cache_used > self.cache_bytes and len(self._cache) > 1:
@@ -247,6 +263,16 @@ class SoftLabelStore:
             entry = (np.empty(arr.shape, dtype=arr.dtype), np.zeros(n_chunks, dtype=bool))
             self._lazy[name] = entry
         return entry
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a per-sample array; damage is one line naming the array."""
+        try:
+            return self.array(name)[start:stop]
+        except KeyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise many types for bad bytes
+            stop = min(stop, self.num_samples)
+            raise read_error(self.location, name, f"{start}..{stop - 1}", exc) from None
 
     def gather(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows ``indices`` (any order, repeats allowed) of one per-sample array."""
@@ -274,7 +300,7 @@ class SoftLabelStore:
             chunks = np.unique(idx // rows)
             for chunk in chunks[~loaded[chunks]]:
                 c = int(chunk)
-                buf[c * rows : (c + 1) * rows] = self.array(name)[c * rows : (c + 1) * rows]
+                buf[c * rows : (c + 1) * rows] = self._read(name, c * rows, (c + 1) * rows)
                 loaded[c] = True
             return buf[idx]
         arr = self.array(name)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -37,7 +36,16 @@ from softlabels.fields import dimension_names
 from softlabels.stores import format as fmt
 from softlabels.stores.codecs import compact_store
 from softlabels.stores.location import bytes_on_disk, location_exists, open_zarr_store, remove_location
-from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, read_metadata, read_metadata_documents
+from softlabels.stores.digest import store_digest, unit_digest
+from softlabels.stores.metadata import (
+    METADATA_DIGEST_KEY,
+    STORE_DIGEST_KEY,
+    metadata_digests,
+    read_metadata,
+    read_metadata_documents,
+)
+from softlabels.stores.ownership import GENERATION_KEY, RUN_ID_KEY, check_owner, new_run_id
+from softlabels.stores.summary import compute_summary
 
 
 
@@ -76,20 +84,17 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def unit_digest(data: np.ndarray) -> bytes:
-    """sha256 of an array's bytes as stored: C order, little-endian."""
-    arr = np.ascontiguousarray(data)
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return hashlib.sha256(arr.tobytes()).digest()
-
-
 class StoreWriter:
     """Handle on a store that is being written. Cheap to construct in worker processes."""
 
-    def __init__(self, location: str | os.PathLike, *, storage_options: dict | None = None) -> None:
+    def __init__(
+        self, location: str | os.PathLike, *, storage_options: dict | None = None, run_id: str | None = None
+    ) -> None:
+        """``run_id``: the dump run this writer works for; every write, record and finalize
+        first checks that the run still owns the store (softlabels.stores.ownership)."""
         self.location = str(location)
         self.storage_options = storage_options
+        self.run_id = run_id
         self._store = open_zarr_store(self.location, read_only=False, storage_options=storage_options)
         self._group = zarr.open_group(self._store, mode="r+", zarr_format=3)
         self.meta = read_metadata(self._group, self.location)
@@ -129,11 +134,13 @@ class StoreWriter:
                     "of --resume to start again with the new ones"
                 )
             if not diffs:
+                writer._take_ownership()
                 writer._ensure_arrays(classifier_weight, classifier_bias)
                 return writer
             # no unit written yet: nothing to keep, so the new settings simply start the store afresh
+        generation = 1
         if exists:  # --overwrite, or a --resume of a store with no unit written (check_create_mode refused the rest)
-            _check_is_store_before_delete(loc, storage_options)
+            generation = _check_is_store_before_delete(loc, storage_options) + 1
             remove_location(loc, storage_options)
         _check_constants(schema, classifier_weight, classifier_bias)
         store = open_zarr_store(loc, read_only=False, storage_options=storage_options)
@@ -142,6 +149,8 @@ class StoreWriter:
             "format_version": fmt.FORMAT_VERSION,
             "softlabels_version": __version__,
             "status": "writing",
+            RUN_ID_KEY: new_run_id(),
+            GENERATION_KEY: generation,
             "created": _now(),
             "completed": None,
             "schema": schema.to_dict(),
@@ -150,9 +159,24 @@ class StoreWriter:
         if schema.codec is not None:  # readers older than 1.2 cannot decode it: they must refuse (§8)
             meta[fmt.MIN_READER_KEY] = fmt.COMPACT_MIN_READER
         zarr.create_group(store, zarr_format=3, attributes={fmt.ATTRS_KEY: meta})
-        writer = cls(loc, storage_options=storage_options)
+        writer = cls(loc, storage_options=storage_options, run_id=meta[RUN_ID_KEY])
         writer._ensure_arrays(classifier_weight, classifier_bias)
         return writer
+
+    def _take_ownership(self) -> None:
+        """A resume is a new run: record its run id, so that a run still writing stops. (A
+        complete store is left as it is: a resume has nothing to write.)"""
+        if self.meta.get("status") == "complete":
+            self.run_id = self.meta.get(RUN_ID_KEY)
+            return
+        meta = dict(self.meta)
+        meta[RUN_ID_KEY] = new_run_id()
+        meta.setdefault(GENERATION_KEY, 1)
+        self._group.attrs[fmt.ATTRS_KEY] = meta
+        self.meta, self.run_id = meta, meta[RUN_ID_KEY]
+
+    def check_owner(self, doing: str) -> None:
+        check_owner(self._store, self.location, self.run_id, doing)
 
     def _ensure_arrays(self, classifier_weight: np.ndarray | None, classifier_bias: np.ndarray | None) -> None:
         """Create every array the schema names that is not there yet, then (re)write the teacher
@@ -267,6 +291,7 @@ class StoreWriter:
         """
         prepared = self.prepare_unit(unit, fields)
         start, stop = self.schema.unit_range(unit)
+        self.check_owner(f"writing unit {unit}")
         digests = {name: unit_digest(data).hex() for name, data in prepared.items()}
         # One call into zarr's event loop for all arrays of the unit, not one per array: each
         # call has a fixed cost (a thread hand-off, a shard-read attempt) that was a large part
@@ -279,12 +304,14 @@ class StoreWriter:
         sync(write_all())
         if self.schema.codec is not None:  # this unit's own chunk: safe beside other writers
             self._array(fmt.UNITS_CODEC_FIDELITY)[unit] = compact_store.unit_fidelity(self.schema, fields, prepared)
+        self.check_owner(f"returning unit {unit}")  # a late write into a new owner's store is reported
         return digests
 
     def mark_complete(self, unit: int, digests: Mapping[str, str]) -> None:
         """Record a written unit: its digests, then the completion flag (the commit marker)."""
         names = [s.name for s in self.schema.per_sample_arrays()]
         rows = np.stack([np.frombuffer(bytes.fromhex(digests[n]), dtype=np.uint8) for n in names])
+        self.check_owner(f"recording unit {unit}")
         self._array(fmt.UNITS_SHA256)[unit] = rows
         self._array(fmt.UNITS_COMPLETE)[unit] = 1
 
@@ -303,87 +330,14 @@ class StoreWriter:
         meta = dict(self.meta)
         meta.update(status="complete", completed=_now(), summary=summary)
         meta.pop(METADATA_DIGEST_KEY, None)
+        meta.pop(STORE_DIGEST_KEY, None)
         docs, _ = read_metadata_documents(self._store)
         meta[METADATA_DIGEST_KEY] = metadata_digests(docs, root_meta=meta)
+        meta[STORE_DIGEST_KEY] = store_digest(meta[METADATA_DIGEST_KEY], self._array(fmt.UNITS_SHA256)[...])
+        self.check_owner("finalizing")
         self._group.attrs[fmt.ATTRS_KEY] = meta
         self.meta = meta
         return summary
-
-
-def compute_summary(writer: StoreWriter) -> dict[str, Any]:
-    """Fidelity figures over the whole store, read unit by unit (bounded memory).
-
-    Per stored T the mean and minimum top-k probability mass (how much of the teacher's
-    distribution the stored classes carry); for labelled stores the teacher's top-1 accuracy
-    (top-1 class == label, i.e. its agreement with the labels) and ``label_in_topk`` (how often
-    the stored top-k contains the label, i.e. how often KD-topk's explicit classes include the
-    true one). Figures are over every (sample, view); stores with several views also get the
-    same figures for view 0 alone under ``view0``. Unlabelled stores record None.
-    """
-    schema = writer.schema
-    temps = schema.temperatures
-    scopes = {"all": slice(None), "view0": slice(0, 1)} if schema.views > 1 else {"all": slice(None)}
-    acc = {
-        scope: {"mass_sum": np.zeros(len(temps)), "mass_min": np.full(len(temps), np.inf), "count": 0, "top1": 0,
-                "in_topk": 0}
-        for scope in scopes
-    }
-    clamped = {name: 0 for name in fmt.CLAMPED_LOG_PROBS if schema.labeled or name != fmt.LABEL_LOGIT}
-    feature_sums = {name: np.zeros(3) for name, _ in schema.features}  # sum, sum of squares, count
-    for unit in range(schema.num_units):
-        start, stop = schema.unit_range(unit)
-        fields = writer.read_fields(start, stop, [fmt.TOPK_VALUES, fmt.LOGSUMEXP, fmt.TOPK_INDICES])
-        values = fields[fmt.TOPK_VALUES].astype(np.float64)  # [n, V, k]
-        lse = fields[fmt.LOGSUMEXP].astype(np.float64)  # [n, V, T]
-        indices = fields[fmt.TOPK_INDICES]  # [n, V, k]
-        labels = writer._array(fmt.LABELS)[start:stop][:, None, None] if schema.labeled else None
-        if schema.value_dtype == "float16":
-            clamped[fmt.TOPK_VALUES] += int((values == fmt.FLOAT16_MIN).sum())
-            if schema.labeled:
-                clamped[fmt.LABEL_LOGIT] += int((writer._array(fmt.LABEL_LOGIT)[start:stop] == fmt.FLOAT16_MIN).sum())
-        for name, sums in feature_sums.items():
-            array = writer._array(fmt.FEATURES_PREFIX + name)
-            for s in range(start, stop, schema.rows_per_chunk):  # chunk by chunk: features are wide
-                block = array[s : min(s + schema.rows_per_chunk, stop)].astype(np.float64)
-                sums += (block.sum(), np.square(block).sum(), block.size)
-        for scope, views in scopes.items():
-            a = acc[scope]
-            for j, t in enumerate(temps):
-                mass = np.exp(values[:, views] / t - lse[:, views, j : j + 1]).sum(-1)
-                a["mass_sum"][j] += mass.sum()
-                a["mass_min"][j] = min(a["mass_min"][j], float(mass.min()))
-            a["count"] += values[:, views].shape[0] * values[:, views].shape[1]
-            if labels is not None:
-                hit = indices[:, views] == labels  # [n, v, k]
-                a["top1"] += int(hit[..., 0].sum())
-                a["in_topk"] += int(hit.any(-1).sum())
-
-    def figures(a: dict[str, Any]) -> dict[str, Any]:
-        n = a["count"]
-        if schema.k == schema.num_classes:  # every class stored: the mass is 1 by construction, the
-            a["mass_sum"][:], a["mass_min"][:] = n, 1.0  # sum above only adds float16 rounding
-        return {
-            "topk_mass": {
-                f"{t:g}": {"mean": float(a["mass_sum"][j] / n), "min": float(a["mass_min"][j])}
-                for j, t in enumerate(temps)
-            },
-            "teacher_top1_accuracy": a["top1"] / n if schema.labeled else None,
-            "label_in_topk": a["in_topk"] / n if schema.labeled else None,
-        }
-
-    summary: dict[str, Any] = {"rows": int(schema.num_samples), "views": int(schema.views), **figures(acc["all"])}
-    if "view0" in acc:
-        summary["view0"] = figures(acc["view0"])
-    if feature_sums:  # scale of the stored features: a hint loss on raw features scales with RMS²
-        summary["features"] = {
-            name: {"mean": float(total / max(n, 1)), "rms": float(np.sqrt(squares / max(n, 1)))}
-            for name, (total, squares, n) in feature_sums.items()
-        }
-    if schema.value_dtype == "float16":
-        summary["float16_clamped"] = clamped  # values at the float16 bound -65504 (FORMAT.md §2)
-    if schema.codec is not None:
-        summary["codec_fidelity"] = compact_store.fidelity_summary(schema, writer._array(fmt.UNITS_CODEC_FIDELITY)[...])
-    return summary
 
 
 def _dimension_names(schema: fmt.StoreSchema, name: str) -> tuple[str, ...] | None:
@@ -416,11 +370,13 @@ def _check_constants(schema: fmt.StoreSchema, weight: np.ndarray | None, bias: n
             raise InvalidTargetsError(f"classifier bias must have shape ({schema.num_classes},)")
 
 
-def _check_is_store_before_delete(location: str, storage_options: dict | None) -> None:
+def _check_is_store_before_delete(location: str, storage_options: dict | None) -> int:
+    """The generation of the store about to be replaced (0 when it records none)."""
     try:
         store = open_zarr_store(location, read_only=True, storage_options=storage_options)
         group = zarr.open_group(store, mode="r", zarr_format=3)
-        read_metadata(group, location, check_version=False)
+        generation = read_metadata(group, location, check_version=False).get(GENERATION_KEY)
+        return generation if isinstance(generation, int) and 0 <= generation < 2**53 else 0
     except Exception:
         raise StoreExistsError(
             f"refusing to overwrite {location}: it exists and is not a softlabels store; "
