@@ -276,12 +276,13 @@ def _reference_store(path: str, dumped: str) -> None:
     )
 
 
-_TIMING_KEYS = ("created", "completed")
+_TIMING_KEYS = ("created", "completed", "run_id", "store_digest")  # + each run's own id, and the digest over all of it
 
 
 def store_differences(a: str, b: str) -> list[str]:
     """Files that differ between two stores, byte for byte, except the timing metadata of the
-    root document (``created``, ``completed``, ``summary.dump``) and the digest of that root."""
+    root document (``created``, ``completed``, ``summary.dump``), the run's id (``run_id``) and the
+    digests that cover them (``store_digest``, the root's own digest)."""
     files_a = {p.relative_to(a).as_posix() for p in Path(a).rglob("*") if p.is_file()}
     files_b = {p.relative_to(b).as_posix() for p in Path(b).rglob("*") if p.is_file()}
     diffs = [f"only in one store: {name}" for name in sorted(files_a ^ files_b)]

@@ -140,7 +140,8 @@ def test_kill_9_then_resume_gives_identical_arrays(ray_session, tmp_path, mnist1
     got, want = _arrays(out), _arrays(ref)
     for name in ARRAYS:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    assert verify_store(out).ok
+    report = verify_store(out)
+    assert report.ok, report.problems[:5]
 
 
 def test_nan_teacher_fails_its_unit_and_records_nothing(ray_session, tmp_path, monkeypatch):
