@@ -165,6 +165,11 @@ def blocks(store: SoftLabelStore, names: Sequence[str], block_rows: int | None =
     """Whole-chunk row blocks of the named arrays (about ``BLOCK_ROWS`` rows), read straight from Zarr: one pass."""
     chunk = store.schema.rows_per_chunk
     rows = max(chunk, (block_rows or BLOCK_ROWS) // chunk * chunk)
+    if store.schema.codec is not None:  # coded fields (format 1.2 compact): decoded by the reader
+        for start in range(0, store.num_samples, rows):
+            index = np.arange(start, min(start + rows, store.num_samples))
+            yield {name: store.gather(name, index) for name in names}
+        return
     arrays = {name: store.array(name) for name in names}
     for start in range(0, store.num_samples, rows):
         yield {name: arr[start : start + rows] for name, arr in arrays.items()}
