@@ -18,8 +18,10 @@ from softlabels.errors import SpecError
 from softlabels.losses.functional import (
     LossOutput,
     _check_probs,
+    _cross_entropy,
     _nonnegative_if_cheap,
     _upcast,
+    _zero_like_graph,
     cross_entropy,
     kl_divergence,
 )
@@ -191,6 +193,36 @@ class _FusedKD(torch.autograd.Function):
         if grad_total.device.type != "cpu" or float(grad_total) != 1.0:
             grad = grad * grad_total
         return (_as(grad, logits.dtype), *none)
+
+
+def kd_output(logits, labels, target: TeacherTarget, temperature, ce_weight, kd_weight, all_labelled) -> LossOutput:
+    """:func:`kd_loss` on a target in any :class:`TeacherTarget` form, as plain torch ops whose
+    gradient autograd derives (the same values as :class:`_FusedKD`). The KL is one dot product
+    ``<p, log p - log q_T>`` (plus one per-row tail term for a sparse target with ``k < C``);
+    ``0 log 0 = 0`` even where ``log q = -inf``; unlabelled rows are masked out of CE."""
+    z = _upcast(logits)
+    batch, num_classes = z.shape
+    if batch == 0:
+        zero = _zero_like_graph(logits)
+        return LossOutput(zero, {"kd": zero.detach()} if labels is None else {"ce": zero.detach(), "kd": zero.detach()})
+    dtype = z.dtype
+    logq = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+    p = _as(target.probs, dtype)
+    logp = torch.log(torch.where(p > 0, p, 1.0)) if target.log_probs is None else _as(target.log_probs, dtype)
+    if target.index is None:
+        parts = [(p, logp, logq)]
+    else:
+        lq = logq.gather(-1, target.index)
+        parts = [(p, logp, lq)]
+        if target.fill is not None:  # the C - k other classes, at `fill` each: one term per row
+            n_tail = num_classes - target.index.shape[-1]
+            tail_logq = (logq.sum(-1, keepdim=True) - lq.sum(-1, keepdim=True)) / n_tail  # their mean log q
+            parts.append((n_tail * _as(target.fill, dtype), _as(target.log_fill, dtype), tail_logq))
+    kd = _sum_p_log_ratio(parts) * (temperature * temperature / batch)
+    if labels is None:
+        return LossOutput(kd * kd_weight, {"kd": kd.detach()})
+    ce = _cross_entropy(z, labels.long(), all_labelled)
+    return LossOutput(kd * kd_weight + ce_weight * ce, {"ce": ce.detach(), "kd": kd.detach()})
 
 
 def _sum_p_log_ratio(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
