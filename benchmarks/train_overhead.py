@@ -29,12 +29,6 @@ from ``DistillDataset.__getitems__``, forward, loss, backward, Adam step):
                           train``): the method's loss-ready rows (teacher softmax at T and its
                           log, prepared once from the preloaded arrays), one row gather per
                           batch, ``kd`` method;
-* ``kd ... autograd``  -- the same loss-ready rows and the same ``kd`` method call (label
-                          checks, target from the prepared rows), but the loss is
-                          ``kd_loss.kd_output``: the same formulas as plain torch ops whose
-                          gradient autograd derives. It is what the fused KD node
-                          (``softlabels/losses/kd_loss.py``'s ``_FusedKD``) must beat to earn its
-                          place; the last lines give the paired per-round difference;
 * ``kd, raw fields``   -- the same store read without preparation (``prepare=False``): the batch
                           carries top-k values/indices + normaliser and the loss rebuilds the
                           target every step (the path before loss-ready rows);
@@ -89,7 +83,6 @@ CE, BARE, DENSE, STORE, RAW, ONLINE = (
     "kd from store, raw fields/step",
     "kd online (teacher forward)",
 )
-AUTOGRAD = "kd from store, autograd gradient"
 
 
 def command_line() -> str:
@@ -125,7 +118,7 @@ def main() -> None:
                          "leaves out the time other processes hold the core -- for a loaded machine")
     ap.add_argument("--configs", nargs="+", metavar="NAME", default=None,
                     help="only the configurations whose names start with one of these (the ce baseline always "
-                         "runs), e.g. --configs 'kd from store' to time the fused node against autograd alone")
+                         "runs), e.g. --configs 'kd from store'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -168,16 +161,6 @@ def main() -> None:
     def loss_store(batch, logits):
         return kd(logits, batch["label"], batch["targets"]).total
 
-    kd_module, kd_loss_module = sys.modules["softlabels.losses.kd"], sys.modules["softlabels.losses.kd_loss"]
-    fused = kd_module._fused_kd
-
-    def loss_autograd(batch, logits):
-        kd_module._fused_kd = kd_loss_module.kd_output  # the method's one loss call, as plain autograd ops
-        try:
-            return kd(logits, batch["label"], batch["targets"]).total
-        finally:
-            kd_module._fused_kd = fused
-
     def loss_online(batch, logits):
         with torch.no_grad():
             probs = torch.softmax(teacher(batch["input"]) / T, dim=-1)
@@ -188,7 +171,6 @@ def main() -> None:
         BARE: (plain, loss_bare),
         DENSE: (plain, loss_dense),
         STORE: (from_store, loss_store),
-        AUTOGRAD: (from_store, loss_autograd),
         RAW: (raw_fields, loss_store),
         ONLINE: (plain, loss_online),
     }
@@ -236,7 +218,6 @@ def main() -> None:
     per_step = {key: [] for key in keys}  # full-size steps only
     per_part = {key: [] for key in keys}  # (fetch, forward, loss, backward + step)
     paired = {key: [] for key in keys}  # per round: step time / the ce runner's step time
-    saved = {key[:2]: [] for key in keys}  # per round: (autograd step - fused step) / ce step
     for rnd in range(args.rounds):
         order = keys if rnd % 2 == 0 else keys[::-1]
         times = {}
@@ -250,10 +231,6 @@ def main() -> None:
             base = times.get((key[0], key[1], CE))
             if base is not None:
                 paired[key].append(seconds / base)
-        for arch_bs in saved:
-            auto, fused_step, base = (times.get((*arch_bs, name)) for name in (AUTOGRAD, STORE, CE))
-            if None not in (auto, fused_step, base):
-                saved[arch_bs].append((auto - fused_step) / base)
 
     store_bytes = from_store.store.bytes_on_disk()
     print(f"command: {command_line()}")
@@ -301,17 +278,6 @@ def main() -> None:
               f" -> {verdict} the target;  store read alone {100 * fetch_extra:+.1f}%;"
               f"  raw fields {pct(RAW, ratio)};  dense-cache KD {pct(DENSE, ratio)};  online KD {pct(ONLINE, ratio)};"
               f"  bare F.ce {pct(BARE, ratio)}")
-    print()
-    print("fused KD node vs autograd on the same loss-ready rows, the same method call (keep the node only if it "
-          "saves >= 2% of the step):")
-    for arch, bs, ratio, _ in summary:
-        if STORE not in ratio or AUTOGRAD not in ratio:
-            continue
-        lo, med, hi = median_ci(saved[(arch, bs)])
-        verdict = "pays" if lo >= 0.02 else ("does not pay" if hi < 0.02 else "unresolved")
-        print(f"  {arch:4s} batch {bs:4d}: fused {pct(STORE, ratio)}, autograd {pct(AUTOGRAD, ratio)} vs ce; "
-              f"per round, autograd step - fused step = {100 * med:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}] "
-              f"of the ce step ({len(saved[(arch, bs)])} rounds) -> the node {verdict}")
     tmp.cleanup()
 
 
