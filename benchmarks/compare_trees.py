@@ -7,7 +7,10 @@ Each round runs the script once from each tree, in a fresh subprocess with ``PYT
 to that tree and the tree as working directory (each tree runs its *own* copy of the script, so
 the two may import different module paths). The order alternates every round (base, new; new,
 base; ...), so a load trend on a shared machine hits both trees alike. The environment is passed
-through (set ``OMP_NUM_THREADS`` outside).
+through (set ``OMP_NUM_THREADS`` outside). ``--clock cpu`` runs the script with
+``time.perf_counter`` replaced by ``time.process_time`` (the process's CPU time, all threads): on
+a loaded machine that leaves out the time the script waits for a core, so its rates become CPU
+costs rather than latencies (cache misses other processes cause still count).
 
 The script's rows are read from its text output: a ``|``-separated line whose first cell is a
 label and whose other cells are numbers, or a line ``label<2+ spaces>numbers...``; ``--section``
@@ -71,12 +74,20 @@ def _fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
-def run(tree: Path, script: str, args: list[str]) -> tuple[str, float, float]:
+_CPU_CLOCK = (
+    "import runpy, sys, time; time.perf_counter = time.process_time; "
+    "sys.path.insert(0, sys.argv[1].rpartition('/')[0] or '.'); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def run(tree: Path, script: str, args: list[str], clock: str) -> tuple[str, float, float]:
     """(stdout, wall seconds, 1-minute load average at the start) of one run from ``tree``."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, script, *args], cwd=tree, env=env, capture_output=True, text=True)
+    launch = [sys.executable, script] if clock == "wall" else [sys.executable, "-c", _CPU_CLOCK, script]
+    done = subprocess.run([*launch, *args], cwd=tree, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"{script} failed in {tree} (exit {done.returncode}):\n{done.stderr[-2000:]}")
@@ -88,6 +99,8 @@ def main() -> None:
     ap.add_argument("--base", type=Path, required=True, help="the reference source tree (e.g. a worktree of main)")
     ap.add_argument("--new", type=Path, default=Path("."), help="the tree under test")
     ap.add_argument("--rounds", type=int, default=3, help="runs per tree, alternating")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: the script's time.perf_counter becomes the process's CPU time (a loaded machine)")
     ap.add_argument("--section", default=None, help="regex of the lines that head a group of rows")
     ap.add_argument("--columns", default=None, help="comma-separated 0-based numeric columns to show (default all)")
     ap.add_argument("--names", default=None, help="comma-separated column names (default: the script's header)")
@@ -103,7 +116,7 @@ def main() -> None:
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     for rnd in range(a.rounds):
         for which in ("base", "new") if rnd % 2 == 0 else ("new", "base"):
-            out, seconds, load = run(trees[which], a.script, args)
+            out, seconds, load = run(trees[which], a.script, args, a.clock)
             rows, row_names = parse_rows(out, section)
             if not rows:
                 sys.exit(f"no rows found in the output of {a.script} from {trees[which]}:\n{out[-2000:]}")
