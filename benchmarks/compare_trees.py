@@ -103,6 +103,7 @@ def main() -> None:
                     help="cpu: the script's time.perf_counter becomes the process's CPU time (a loaded machine)")
     ap.add_argument("--section", default=None, help="regex of the lines that head a group of rows")
     ap.add_argument("--columns", default=None, help="comma-separated 0-based numeric columns to show (default all)")
+    ap.add_argument("--runs", action="store_true", help="also list every run's value (base runs; new runs)")
     ap.add_argument("--names", default=None, help="comma-separated column names (default: the script's header)")
     ap.add_argument("script", help="the script, relative to each tree")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="its arguments (after --)")
@@ -129,21 +130,23 @@ def main() -> None:
     only = sorted({k for r in results["base"] + results["new"] for k in r} - set(labels))
     keep = None if a.columns is None else [int(c) for c in a.columns.split(",")]
     print()
-    print(f"| row | column | base median | new median | new / base | base spread | new spread |")
-    print("|---|---|---|---|---|---|---|")
+    runs_head = " base runs; new runs |" if a.runs else ""
+    print(f"| row | column | base median | new median | new / base | base spread | new spread |{runs_head}")
+    print("|---|---|---|---|---|---|---|" + ("---|" if a.runs else ""))
     for label in labels:
         width = min(len(r[label]) for r in results["base"] + results["new"])
         header = a.names.split(",") if a.names else names.get(label, [])
         for col in range(width) if keep is None else [c for c in keep if c < width]:
-            med, spread = {}, {}
+            med, spread, values = {}, {}, {}
             for which in ("base", "new"):
-                xs = [r[label][col] for r in results[which]]
+                xs = values[which] = [r[label][col] for r in results[which]]
                 med[which] = statistics.median(xs)
                 spread[which] = max(xs) / min(xs) - 1 if min(xs) > 0 else float("nan")
             name = header[col] if col < len(header) else f"col {col}"
             ratio = med["new"] / med["base"] if med["base"] else float("nan")
+            runs = " " + "; ".join(", ".join(_fmt(x) for x in values[w]) for w in ("base", "new")) + " |"
             print(f"| {label} | {name} | {_fmt(med['base'])} | {_fmt(med['new'])} | {ratio:.3f} | "
-                  f"{100 * spread['base']:.1f} % | {100 * spread['new']:.1f} % |")
+                  f"{100 * spread['base']:.1f} % | {100 * spread['new']:.1f} % |{runs if a.runs else ''}")
     if only:
         print(f"\nrows in only some runs (not compared): {', '.join(only)}")
 
