@@ -1,11 +1,13 @@
 """Store I/O: bulk write, bulk read, random-batch reads and bytes per sample.
 
-    python benchmarks/store_io.py                      # 1M rows, C=1000, k=10 (the BENCHMARKS.md row)
-    python benchmarks/store_io.py --rows 200000 --layouts 65536/8192,65536/65536,4096/4096
+    python benchmarks/store_io.py                      # 1M rows, C=1000, k=10, fp16 and compact codecs
+    python benchmarks/store_io.py --rows 200000 --layouts 65536/8192,65536/65536,4096/4096 --codecs fp16
 
 Teacher-like logits: z = 2·N(0,1) + 6·onehot(y) per row (a confident teacher, ~88 % top-1 mass
 at T=1), C=1000, normalised and top-k'd exactly as the dump does. All timings in one process,
-side by side, so ratios are meaningful on a noisy machine.
+side by side (random reads interleaved across codecs), so ratios are meaningful on a noisy machine. With both codecs, it also reports the
+compact codec's fidelity: per stored T the mean and max per-row KL(fp16 targets || compact
+targets) of the KD-topk target the losses build, and the top-1 agreement.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from softlabels.stores import StoreSchema, StoreWriter, open_store
 from softlabels.stores import format as fmt
+from softlabels.stores.codecs.compact import target_fidelity
 from softlabels.targets import summarize_logits
 
 TEMPS = (1.0, 2.0, 4.0, 8.0)
@@ -49,11 +52,12 @@ def chunk_window_order(rows: int, chunk: int, window: int, rng: np.random.Genera
     return np.concatenate(parts)
 
 
-def bench_layout(root: Path, rows: int, classes: int, k: int, shard: int, chunk: int, batches: int) -> dict:
-    path = root / f"store-{shard}-{chunk}.zarr"
+def bench_layout(root: Path, rows: int, classes: int, k: int, shard: int, chunk: int, batches: int,
+                 codec: str = "fp16") -> dict:
+    path = root / f"store-{codec}-{shard}-{chunk}.zarr"
     schema = StoreSchema(num_samples=rows, num_classes=classes, k=k, temperatures=TEMPS,
                          rows_per_shard=shard, rows_per_chunk=chunk, teacher={"spec": "bench"},
-                         dataset={"spec": "bench"})
+                         dataset={"spec": "bench"}, codec=None if codec == "fp16" else {"name": codec})
     units = [make_unit(*schema.unit_range(u), classes, k, seed=0) for u in range(schema.num_units)]
     writer = StoreWriter.create(path, schema)
     t0 = time.perf_counter()
@@ -64,29 +68,18 @@ def bench_layout(root: Path, rows: int, classes: int, k: int, shard: int, chunk:
     del units
 
     per_array = {}
-    for name in FIELDS:
-        per_array[name] = sum(f.stat().st_size for f in (path / name).rglob("*") if f.is_file()) / rows
+    for spec in schema.per_sample_arrays():
+        per_array[spec.name] = sum(f.stat().st_size for f in (path / spec.name).rglob("*") if f.is_file()) / rows
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
     store = open_store(path)
     t0 = time.perf_counter()
     for name in FIELDS:
-        store.array(name)[...]
+        store.load(name)
     bulk_read_s = time.perf_counter() - t0
 
     rng = np.random.default_rng(0)
     idx_batches = [rng.integers(0, rows, 256) for _ in range(batches)]
-    cold = open_store(path)  # fresh handle: the timed loop includes decoding every chunk once
-    t0 = time.perf_counter()
-    for idx in idx_batches:
-        cold.read(idx, FIELDS, view=0, temperature=4.0)
-    store_s = time.perf_counter() - t0
-
-    warm = open_store(path).preload(FIELDS)
-    t0 = time.perf_counter()
-    for idx in idx_batches:
-        warm.read(idx, FIELDS, view=0, temperature=4.0)
-    mem_s = time.perf_counter() - t0
 
     # Larger-than-cache stores: an LRU of decoded chunks holding ~1/4 of the decoded store.
     quarter = int(0.25 * rows * 64)
@@ -109,24 +102,60 @@ def bench_layout(root: Path, rows: int, classes: int, k: int, shard: int, chunk:
     naive_batches = idx_batches[:5]
     t0 = time.perf_counter()
     for idx in naive_batches:
-        for name in FIELDS:
-            raw.array(name).oindex[np.sort(idx)]
+        for spec in schema.per_sample_arrays():
+            raw.array(spec.name).oindex[np.sort(idx)]
     naive_s = time.perf_counter() - t0
 
     n_read = batches * 256
     return {
+        "codec": codec,
+        "path": str(path),
         "layout": f"{shard}/{chunk}",
         "rows": rows,
         "bulk_write_rows_per_s": rows / write_s,
         "bulk_read_rows_per_s": rows / bulk_read_s,
-        "random_batch_store_rows_per_s": n_read / store_s,
-        "random_batch_memory_rows_per_s": n_read / mem_s,
         "random_batch_quarter_cache_rows_per_s": len(few) * 256 / small_s,
         "chunk_shuffle_quarter_cache_rows_per_s": order.size / chunked_s,
         "random_batch_naive_zarr_rows_per_s": len(naive_batches) * 256 / naive_s,
         "bytes_per_row": total / rows,
         "bytes_per_row_by_array": per_array,
     }
+
+
+def interleaved_random_reads(paths: dict[str, str], rows: int, batches: int, rounds: int = 10) -> dict:
+    """Random batches of 256 rows, from the store (a fresh handle: includes decoding every chunk
+    once) and preloaded in memory, for every codec in alternation (``rounds`` slices of the
+    batches each), so that the machine's load hits every codec alike."""
+    rng = np.random.default_rng(0)
+    idx_batches = [rng.integers(0, rows, 256) for _ in range(batches)]
+    handles = {c: {"store": open_store(p), "memory": open_store(p).preload(FIELDS)} for c, p in paths.items()}
+    seconds = {c: {"store": 0.0, "memory": 0.0} for c in paths}
+    for r in range(rounds):
+        part = idx_batches[r::rounds]
+        for mode in ("store", "memory"):
+            for codec, h in handles.items():
+                t0 = time.perf_counter()
+                for idx in part:
+                    h[mode].read(idx, FIELDS, view=0, temperature=4.0)
+                seconds[codec][mode] += time.perf_counter() - t0
+    return {c: {f"random_batch_{m}_rows_per_s": batches * 256 / s for m, s in per.items()} for c, per in seconds.items()}
+
+
+def fidelity(reference: str, compact: str, classes: int) -> dict:
+    """KL(fp16 targets || compact targets) per T over every row, and top-1 agreement."""
+    a, b = open_store(reference), open_store(compact)
+    total = np.zeros((len(TEMPS), 4))
+    maxima = np.zeros(len(TEMPS))
+    names = [fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP]
+    for unit in range(a.schema.num_units):
+        rows = np.arange(*a.schema.unit_range(unit))
+        fa, fb = a.read(rows, names), b.read(rows, names)
+        assert np.array_equal(fa[fmt.TOPK_INDICES], fb[fmt.TOPK_INDICES]), "indices are lossless"
+        part = target_fidelity(fa, fb, TEMPS, classes)
+        total += part
+        maxima = np.maximum(maxima, part[:, 1])
+    return {f"{t:g}": {"kl_mean": total[j, 0] / total[j, 2], "kl_max": maxima[j], "top1_agreement": total[j, 3] / total[j, 2]}
+            for j, t in enumerate(TEMPS)}
 
 
 def main() -> None:
@@ -136,31 +165,46 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--batches", type=int, default=2000, help="random batches of 256 rows")
     p.add_argument("--layouts", default="65536/8192", help="comma-separated rows_per_shard/rows_per_chunk")
+    p.add_argument("--codecs", default="fp16,compact", help="comma-separated target codecs, measured side by side")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(2)
     results = []
+    codecs = args.codecs.split(",")
+    fid = {}
     with tempfile.TemporaryDirectory() as tmp:
         for layout in args.layouts.split(","):
             shard, chunk = (int(x) for x in layout.split("/"))
-            results.append(bench_layout(Path(tmp), args.rows, args.classes, args.k, shard, chunk, args.batches))
+            for codec in codecs:
+                results.append(bench_layout(Path(tmp), args.rows, args.classes, args.k, shard, chunk, args.batches, codec))
+            rates = interleaved_random_reads({r["codec"]: r["path"] for r in results[-len(codecs):]}, args.rows, args.batches)
+            for r in results[-len(codecs):]:
+                r.update(rates[r["codec"]])
+            if {"fp16", "compact"} <= set(codecs):
+                paths = {r["codec"]: r["path"] for r in results[-len(codecs):]}
+                fid[layout] = fidelity(paths["fp16"], paths["compact"], args.classes)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"results": results, "fidelity": fid}, indent=2))
         return
-    print(f"$ python benchmarks/store_io.py --rows {args.rows} --batches {args.batches} --layouts {args.layouts}")
-    print(f"rows={args.rows:,} C={args.classes} k={args.k} T={list(TEMPS)} fp16 values; random batches of 256")
-    head = ["layout", "write r/s", "bulk read r/s", "rand store r/s", "rand mem r/s", "rand 1/4-cache r/s",
+    print(f"$ python benchmarks/store_io.py --rows {args.rows} --batches {args.batches} --layouts {args.layouts} "
+          f"--codecs {args.codecs}")
+    print(f"rows={args.rows:,} C={args.classes} k={args.k} T={list(TEMPS)}; random batches of 256")
+    head = ["codec", "layout", "write r/s", "bulk read r/s", "rand store r/s", "rand mem r/s", "rand 1/4-cache r/s",
             "chunk-shuffle 1/4-cache r/s", "naive zarr r/s", "B/row"]
     print(" | ".join(head))
     for r in results:
         print(" | ".join([
-            r["layout"], f"{r['bulk_write_rows_per_s']:,.0f}", f"{r['bulk_read_rows_per_s']:,.0f}",
+            r["codec"], r["layout"], f"{r['bulk_write_rows_per_s']:,.0f}", f"{r['bulk_read_rows_per_s']:,.0f}",
             f"{r['random_batch_store_rows_per_s']:,.0f}", f"{r['random_batch_memory_rows_per_s']:,.0f}",
             f"{r['random_batch_quarter_cache_rows_per_s']:,.0f}", f"{r['chunk_shuffle_quarter_cache_rows_per_s']:,.0f}",
             f"{r['random_batch_naive_zarr_rows_per_s']:,.0f}",
             f"{r['bytes_per_row']:.1f}",
         ]))
-        print("   bytes/row by array: " + ", ".join(f"{k} {v:.1f}" for k, v in r["bytes_per_row_by_array"].items()))
+        print("   bytes/row by array: " + ", ".join(f"{k} {v:.2f}" for k, v in r["bytes_per_row_by_array"].items()))
+    for layout, per_t in fid.items():
+        print(f"fidelity of compact vs fp16 ({layout}): " + "; ".join(
+            f"T={t} KL mean {f['kl_mean']:.2e} max {f['kl_max']:.2e} top-1 {100 * f['top1_agreement']:.3f} %"
+            for t, f in per_t.items()))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ Dump policies (``softlabels dump --augment``):
                               (``torch.roll``; a roll commutes exactly with mnist1d's scalar
                               standardisation, and mnist1d's own ``translate`` is circular too).
 ``crop-flip:min_scale=0.08,max_scale=1,min_ratio=0.75,max_ratio=1.3333333333333333,flip=0.5``
-                              images (imagefolder): RandomResizedCrop box in source pixels, resized
-                              to the dataset's crop size, then an optional horizontal flip.
+                              images (imagefolder): view 0 is the dataset's evaluation view
+                              (Resize + CenterCrop, no flip; stored as box 0,0,0,0); views 1..V-1 a
+                              RandomResizedCrop box in source pixels, resized to the dataset's crop
+                              size, then an optional horizontal flip.
 
 Student-only extras (``softlabels train --student-augment``), drawn fresh per (seed, epoch,
 sample) and applied after the replayed view; the teacher never saw them: ``shift1d:max=N``,
@@ -54,7 +56,7 @@ __all__ = [
     "counter_uniform",
 ]
 
-AUGMENT_VERSION = 1
+AUGMENT_VERSION = 1  # a policy's default version; crop-flip is at 2 (view 0 = the evaluation view)
 
 
 def counter_uniform(key: tuple[int, ...], index: np.ndarray, views: int) -> np.ndarray:
@@ -111,6 +113,7 @@ class Policy(_Named):
     """Base class: a named policy with validated parameters (see the module docstring)."""
 
     arrays: tuple[ParamArray, ...] = ()
+    version = AUGMENT_VERSION  # bumped when what the stored parameters mean changes
 
     def metadata(self, seed: int) -> dict[str, Any]:
         """What a store records in ``schema.augmentation``."""
@@ -118,7 +121,7 @@ class Policy(_Named):
             "policy": self.name,
             "params": dict(self.params),
             "seed": int(seed),
-            "version": AUGMENT_VERSION,
+            "version": self.version,
             "arrays": {a.name: {"shape": list(a.tail), "dtype": a.dtype} for a in self.arrays},
         }
 
@@ -174,7 +177,9 @@ def _unit_fraction(value: float) -> str | None:
 
 class CropFlip(Policy):
     """RandomResizedCrop box (torchvision's algorithm, our RNG) + horizontal flip, for images
-    whose dataset exposes raw decoded images (``imagefolder``)."""
+    whose dataset exposes raw decoded images (``imagefolder``). View 0 is the clean evaluation
+    view (stored as box ``(0, 0, 0, 0)``, no flip), so ``--views first`` and the ``view0``
+    figures are the teacher on clean inputs; views 1..V-1 are random."""
 
     name = "crop-flip"
     schema = {
@@ -185,6 +190,7 @@ class CropFlip(Policy):
         "flip": Param("float", 0.5, _unit_fraction),
     }
     arrays = (ParamArray("box", (4,), "int32"), ParamArray("flip", (), "uint8"))
+    version = 2  # 1: view 0 was a random crop too; 2: view 0 is the evaluation view (box 0,0,0,0)
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         super().__init__(params)
@@ -229,7 +235,7 @@ class CropFlip(Policy):
         flip = np.zeros((index.size, views), dtype=np.uint8)
         for r, i in enumerate(index):
             height, width = dataset.image_size(int(i))
-            for v in range(views):
+            for v in range(1, views):  # view 0 stays box (0, 0, 0, 0), flip 0: the evaluation view
                 rng = np.random.Generator(np.random.Philox(key=int(words[r, v])))
                 box[r, v] = self._box(rng, height, width)
                 flip[r, v] = rng.random() < self.params["flip"]
@@ -245,6 +251,9 @@ class CropFlip(Policy):
             top, left, h, w = (int(t) for t in params["box"][r])
             if int(i) not in decoded:
                 decoded[int(i)] = dataset.raw_image(int(i))
+            if h == 0:  # the evaluation view: the dataset's own Resize + CenterCrop, never flipped
+                out.append(dataset.eval_image(decoded[int(i)]))
+                continue
             img = F.resized_crop(
                 decoded[int(i)], top, left, h, w, size,
                 interpolation=InterpolationMode.BILINEAR, antialias=True,
@@ -277,7 +286,7 @@ def policy_from_metadata(meta: Mapping[str, Any] | None) -> Policy | None:
     if not meta or meta.get("policy", "none") == "none":
         return None
     version = int(meta.get("version", 1))
-    if version > AUGMENT_VERSION or meta["policy"] not in POLICIES:
+    if meta["policy"] not in POLICIES or version > POLICIES[meta["policy"]].version:
         raise SpecError(
             f"the store uses augmentation {meta['policy']!r} version {version}, which this softlabels cannot "
             "replay; upgrade softlabels"

@@ -4,7 +4,8 @@
 2. dump it with Ray (2 workers) over the labelled train split and over 20,000 extra unlabelled
    samples (a transfer set) -- each command printed as you would type it;
 3. inspect and verify the stores;
-4. train students from the stores (no teacher in memory) and print one comparison table.
+4. train students from the stores (no teacher in memory) and print one comparison table;
+5. write ``report.html``: the stores and the student runs, with figures (``softlabels report``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,12 @@ def main() -> None:
     console.rule("4. students from the stores (the teacher is never loaded)")
     results = run_students(dataset, train_store, transfer_store, seeds=args.seeds, epochs=args.epochs, out=out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    console.rule("5. report: the stores and the student runs, in one HTML file")
+    report = out / "report.html"
+    run("report", str(train_store), str(transfer_store), "--runs", str(out / "runs"), "--out", str(report))
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {out / 'results.json'}")
+    console.print(f"report: {report.resolve()}  (open it in a browser; it is one self-contained file)")
 
 
 if __name__ == "__main__":

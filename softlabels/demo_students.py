@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import re
 import shlex
+import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +57,22 @@ def _command(method: str, stores: list[str], dataset: str, epochs: int, opts: di
         parts += ["--k", str(opts["k"])]
     for key, value in opts.get("hparams", {}).items():
         parts += ["--hparam", f"{key}={value:g}"]
-    parts += ["--epochs", str(epochs), "--seed", "0", "--out", "runs/" + method]
+    parts += ["--epochs", str(epochs), "--seed", "0", "--out", "runs/" + method + "/seed0"]
     return " ".join(shlex.quote(p) for p in parts)
 
 
 def _train_one(job: tuple) -> dict:
-    """One (method, seed) run in a pool process: one torch thread, so two runs fill two cores."""
+    """One (method, seed) run in a pool process: one torch thread, so two runs fill two cores.
+    Its student.pt and metrics.json stay in ``run_dir`` (``softlabels report --runs`` reads them)."""
     torch.set_num_threads(1)
-    stores, dataset, method, seed, epochs, opts, out = job
-    with tempfile.TemporaryDirectory(dir=out) as run_dir:
-        return train_student(stores or None, dataset, "builtin:mlp", method, epochs=epochs, seed=seed,
-                             out_dir=run_dir, progress=False, temperature=opts.get("temperature"),
-                             k=opts.get("k"), hparams=opts.get("hparams"))
+    stores, dataset, method, seed, epochs, opts, run_dir = job
+    return train_student(stores or None, dataset, "builtin:mlp", method, epochs=epochs, seed=seed,
+                         out_dir=run_dir, progress=False, temperature=opts.get("temperature"),
+                         k=opts.get("k"), hparams=opts.get("hparams"))
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
 def run_students(dataset: str, train_store: Path, transfer_store: Path, *, seeds: int, epochs: int, out: Path,
@@ -75,10 +80,14 @@ def run_students(dataset: str, train_store: Path, transfer_store: Path, *, seeds
     train, transfer = open_store(train_store), open_store(transfer_store)
     sizes = {"train": train.bytes_on_disk() / train.num_samples,
              "train+transfer": (train.bytes_on_disk() + transfer.bytes_on_disk()) / (train.num_samples + transfer.num_samples)}
+    runs_dir = out / "runs"
+    shutil.rmtree(runs_dir, ignore_errors=True)  # runs of an earlier demo (other seeds or epochs) would mix in
     plan = []
     for label, method, which, opts in RUNS:
         stores = {None: [], "train": [str(train_store)], "train+transfer": [str(train_store), str(transfer_store)]}[which]
-        plan.append((label, method, which, opts, [(stores, dataset, method, seed, epochs, opts, str(out)) for seed in range(seeds)]))
+        jobs = [(stores, dataset, method, seed, epochs, opts, str(runs_dir / _slug(label) / f"seed{seed}"))
+                for seed in range(seeds)]
+        plan.append((label, method, which, opts, jobs))
     results = []
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:

@@ -41,3 +41,18 @@ class InvalidTargetsError(SoftlabelsError):
 
 class SpecError(SoftlabelsError):
     """An unknown or malformed teacher/dataset/student spec, or a bad checkpoint."""
+
+
+class DamagedStoreError(SoftlabelsError):
+    """A store marked complete has a missing, undecodable, altered or impossible object."""
+
+    exit_code = 1
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: the command stops cleanly (``finally`` blocks run, Ray is shut down)
+    and exits 128 + ``signum``, as a shell reports it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -12,6 +12,12 @@ features (KD-sim, feature dumps) find them without configuration.
   conv-BN-ReLU network with global average pooling.
 * ``resmlp`` -- flatten, 256-wide residual MLP (2 pre-norm blocks): a teacher for ``synthetic``.
 * ``linear`` -- flatten + ``classifier``: multinomial logistic regression.
+* ``tangmlp-<W>`` (W in 8, 16, 32, 64, 128, 256, 512) -- the MLP of Tang et al. 2020's synthetic
+  study: two ReLU layers of width W with batch norm, a residual connection around the second,
+  and a cosine classifier (L2-normalised weight rows and penultimate activations, times a
+  learned scale, no bias). A wide one is the teacher, a narrow one the student.
+* ``resnet20`` / ``resnet56`` (:mod:`softlabels.models_cifar`) -- the CIFAR ResNets of He et al.
+  2016 (3 stages of 16/32/64 channels, 3n+3n+3n basic blocks, option-A shortcuts).
 """
 
 from __future__ import annotations
@@ -175,3 +181,45 @@ class ResMLP(nn.Module):
 @register_model("resmlp")
 def resmlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return ResMLP(math.prod(input_shape), num_classes)
+
+
+class CosineClassifier(nn.Linear):
+    """``logits = scale * <x / |x|, w_c / |w_c|>``: an ``nn.Linear`` (no bias) whose weight rows
+    and input are L2-normalised, times a learned ``scale`` (init 10: cosines alone, in [-1, 1],
+    cannot make a confident softmax). ``weight`` is the raw matrix, so stores and KD-sim read it
+    like any classifier's (KD-sim normalises its rows itself)."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 10.0) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unit_x = nn.functional.normalize(x, dim=-1)
+        return self.scale * nn.functional.linear(unit_x, nn.functional.normalize(self.weight, dim=-1))
+
+
+class TangMLP(nn.Module):
+    """``h1 = relu(bn(W1 x))``, ``h2 = h1 + relu(bn(W2 h1))``, ``logits = cosine(h2)``."""
+
+    def __init__(self, in_features: int, num_classes: int, width: int) -> None:
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(in_features, width), nn.BatchNorm1d(width)
+        self.fc2, self.bn2 = nn.Linear(width, width), nn.BatchNorm1d(width)
+        self.classifier = CosineClassifier(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.fc1(x.flatten(1))))
+        return self.classifier(h + torch.relu(self.bn2(self.fc2(h))))
+
+
+def _register_tangmlp(width: int) -> None:
+    @register_model(f"tangmlp-{width}")
+    def factory(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        return TangMLP(math.prod(input_shape), num_classes, width)
+
+
+for _width in (8, 16, 32, 64, 128, 256, 512):
+    _register_tangmlp(_width)
+
+
+from softlabels import models_cifar  # noqa: E402,F401  (registers resnet20, resnet56)

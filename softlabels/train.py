@@ -22,6 +22,7 @@ stores up front. Deterministic given ``seed`` on CPU; CUDA with bf16 autocast wh
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,16 +32,17 @@ from typing import Any
 
 import torch
 
+from softlabels.checkpoint import CHECKPOINT, resume_run, save_checkpoint
 from softlabels.data.provenance import json_value
-from softlabels.device import autocast_for
 from softlabels.fit import evaluate_accuracy
-from softlabels.progress import EpochProgress
+from softlabels.defaults import DEFAULTS
+from softlabels.recipe import Precision, Recipe, build_optimizer, build_scheduler
+from softlabels.student import PENULTIMATE
+from softlabels.train_progress import BatchProgress
 from softlabels.train_setup import Run, StudentFeatures, build_student, setup
 
-__all__ = ["train_student", "build_student", "DEFAULTS", "StudentFeatures", "TrainConfig"]
+__all__ = ["train_student", "build_student", "DEFAULTS", "StudentFeatures", "TrainConfig", "default_preload_bytes"]
 
-#: Trainer defaults (the method hyperparameters default to softlabels.losses', see LOSSES.md).
-DEFAULTS = {"epochs": 60, "seed": 0, "batch_size": 128, "lr": 1e-2, "optimizer": "adam", "schedule": "cosine"}
 
 
 @dataclass
@@ -58,14 +60,31 @@ class TrainConfig:
     seed: int = DEFAULTS["seed"]
     batch_size: int = DEFAULTS["batch_size"]
     lr: float = DEFAULTS["lr"]
-    eval_split: str | None = "test"
+    eval_split: str | None = "auto"  # auto: test, else val; None: no evaluation
+    holdout: float | None = None  # evaluate on this seeded fraction of train instead, left out of training
     hparams: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
-    allow_mismatch: bool = False
+    allow_mismatch: bool | Sequence[str] = False  # kinds of dataset difference to allow (True: all)
     views: str = "first"
     student_augment: str | None = None
     num_workers: int = 0
     storage_options: dict | None = None
+    recipe: Recipe = field(default_factory=Recipe)
+    augment: bool = True
+    student_feature_layer: str = PENULTIMATE
+    preload_bytes: int = 1 << 30
+    shuffle: str = "auto"
+    resume: bool = False
+    expect_digests: Sequence[str] | None = None  # --expect-digest, one per store (softlabels.stores.integrity)
+
+
+def default_preload_bytes() -> int:
+    """A quarter of the machine's RAM (1 GiB when it cannot be read): stores whose arrays are
+    larger stream chunk by chunk instead of being preloaded."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
 
 
 def _stderr_warning(message: str) -> None:
@@ -85,32 +104,57 @@ def train_student(
     batch_size: int = DEFAULTS["batch_size"],
     lr: float = DEFAULTS["lr"],
     out_dir: str | Path,
-    eval_split: str | None = "test",
+    eval_split: str | None = "auto",
+    holdout: float | None = None,
     hparams: dict[str, Any] | None = None,
     progress: bool = True,
-    allow_mismatch: bool = False,
+    allow_mismatch: bool | Sequence[str] = False,
     views: str = "first",
     student_augment: str | None = None,
     num_workers: int = 0,
     warn: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     storage_options: dict | None = None,
+    recipe: Recipe | None = None,
+    augment: bool = True,
+    student_feature_layer: str = PENULTIMATE,
+    max_preload_bytes: int | None = None,
+    shuffle: str = "auto",
+    resume: bool = False,
+    expect_digests: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``student_arch`` on ``dataset_spec`` with ``method`` from the store(s) at
     ``store_path`` (a path, a list of paths -- one per split, e.g. train + transfer -- or None
     for ``ce``/``ls``). ``temperature`` must be in every store's grid (default: the method's);
     ``k`` uses the first k stored logits (default: all); ``hparams`` are the method's
     (:func:`softlabels.losses.method_defaults`). A store dumped with ``--augment`` replays its
-    stored views (``views`` picks one per epoch); ``student_augment`` adds a student-only
+    stored views (``views`` picks one per epoch); ``eval_split`` is evaluated every epoch ("auto":
+    test, else val; a dataset with neither needs ``holdout``, a seeded fraction of the train rows
+    held out of training, or ``eval_split=None``); ``student_augment`` adds a student-only
     augmentation the teacher never saw (see :mod:`softlabels.augment`). Returns the metrics also written to
     ``out_dir/metrics.json``; the student's ``state_dict`` goes to ``out_dir/student.pt``.
-    ``storage_options`` are fsspec options for remote stores (``s3://``, ``http(s)://``).
+    ``storage_options`` are fsspec options for remote stores (``s3://``, ``http(s)://``);
+    ``expect_digests`` pins each store's digest (``sha256:...``), in order.
+
+    ``student_arch`` is any spec of :mod:`softlabels.specs` (``torchvision:resnet18``, ...).
+    ``recipe`` (:class:`softlabels.recipe.Recipe`; default: Adam at ``lr``, cosine) sets the
+    optimizer, schedule, warm-up, AMP, channels-last and clipping. Image datasets with raw images
+    train on a random-resized crop + flip unless ``augment=False``; evaluation uses the split's
+    (the dump's) preprocessing (``eval_split="auto"``: test, else val). ``student_feature_layer``
+    names the student module the ``hint`` method regresses. Stores whose arrays exceed
+    ``max_preload_bytes`` (default :func:`default_preload_bytes`) stream with the chunk-aware order
+    (``shuffle="auto"``; or ``"full"``/``"chunks"``). Every epoch writes
+    ``out_dir/checkpoint.pt``; ``resume=True`` continues from it (refused when the arguments differ).
     """
+    recipe = recipe or Recipe(lr=lr)
     config = TrainConfig(
         store_path, dataset_spec, student_arch, method, out_dir, temperature=temperature, k=k, epochs=epochs,
-        seed=seed, batch_size=batch_size, lr=lr, eval_split=eval_split, hparams=dict(hparams or {}),
+        seed=seed, batch_size=batch_size, lr=recipe.lr, eval_split=eval_split, holdout=holdout, hparams=dict(hparams or {}),
         progress=progress, allow_mismatch=allow_mismatch, views=views, student_augment=student_augment,
-        num_workers=num_workers, storage_options=storage_options,
+        num_workers=num_workers, storage_options=storage_options, recipe=recipe, augment=augment,
+        student_feature_layer=student_feature_layer,
+        preload_bytes=default_preload_bytes() if max_preload_bytes is None else int(max_preload_bytes),
+        shuffle=shuffle, resume=resume, expect_digests=expect_digests,
     )
     return run_training(config, warn=warn, on_epoch=on_epoch)
 
@@ -131,29 +175,53 @@ def run_training(
         warn(message)
 
     run = setup(config, note)
-    history, stages_run = _train_loop(run, config, on_epoch)
-    return _write_outputs(run, config, history, stages_run, warnings, wall_start)
+    precision = Precision(config.recipe.amp, run.device)
+    if config.recipe.amp and precision.dtype is None:
+        note("--amp has no effect on the CPU; training in float32")
+    history, stages_run, start_epoch = _train_loop(run, config, precision, on_epoch)
+    return _write_outputs(run, config, history, stages_run, warnings, wall_start, precision, start_epoch)
 
 
-def _train_loop(run: Run, config: TrainConfig, on_epoch) -> tuple[list[dict[str, Any]], list[str]]:
-    """Adam with a cosine decay to zero over all steps; per epoch the mean loss and its
-    components, and the held-out accuracy."""
-    student, method, device = run.student, run.method, run.device
-    student.to(device)
+def _run_args(run: Run, config: TrainConfig) -> dict[str, Any]:
+    """The arguments a checkpoint records; a resume must give the same."""
+    return json_value({
+        "store": run.paths, "dataset": config.dataset_spec, "student": config.student_arch, "method": config.method,
+        "hparam": config.hparams, "temperature": config.temperature, "k": config.k, "epochs": config.epochs,
+        "seed": config.seed, "batch_size": config.batch_size, "views": config.views,
+        "student_augment": config.student_augment, "augment": config.augment,
+        "student_feature_layer": config.student_feature_layer, "eval_split": run.eval_split, "shuffle": run.shuffle,
+        **config.recipe.to_dict(),
+    })
+
+
+def _train_loop(run: Run, config: TrainConfig, precision: Precision, on_epoch) -> tuple[list, list, int]:
+    """The recipe's optimizer and per-step schedule; per epoch the mean loss and its components,
+    the held-out accuracy, and a checkpoint. Returns ``(history, stages, first epoch run)``."""
+    student, method, device, recipe = run.student, run.method, run.device, config.recipe
+    memory_format = torch.channels_last if recipe.channels_last and len(run.input_shape) == 3 else torch.preserve_format
+    student.to(device, memory_format=memory_format)
     method.to(device)
-    optimizer = torch.optim.Adam([*student.parameters(), *method.parameters()], lr=config.lr)
-    steps = config.epochs * len(run.sampler)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    params = [*student.parameters(), *method.parameters()]
+    optimizer = build_optimizer(recipe, [student, method])
+    scheduler = build_scheduler(recipe, optimizer, len(run.sampler), config.epochs)
+    out_path = Path(config.out_dir)
+    run_args = _run_args(run, config)
     in_process = config.num_workers == 0
     history: list[dict[str, Any]] = []
     stages_run: list[str] = []
-    with torch.random.fork_rng(devices=[]), EpochProgress(config.progress, config.epochs, "train", accuracy=True) as bar:
+    start_epoch, step = 0, 0
+    with torch.random.fork_rng(devices=[]), BatchProgress(config.progress, config.epochs) as bar:
         torch.manual_seed(config.seed)
+        if config.resume:
+            info = resume_run(out_path / CHECKPOINT, run_args, model=student, loss=method, optimizer=optimizer,
+                              scheduler=scheduler, scaler=precision.scaler)
+            history, stages_run, start_epoch, step = info["history"], info["stages"], info["epoch"], info["step"]
         student.train()
-        for epoch in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
             epoch_start = time.perf_counter()
             run.sampler.set_epoch(epoch)
             run.train_data.set_epoch(epoch)
+            bar.start_epoch(epoch, len(run.sampler))
             stage = method.stage(epoch, config.epochs)
             if not stages_run or stages_run[-1] != stage:
                 stages_run.append(stage)
@@ -163,38 +231,50 @@ def _train_loop(run: Run, config: TrainConfig, on_epoch) -> tuple[list[dict[str,
             for item in run.batches:
                 batch = run.train_data.__getitems__(item) if in_process else item
                 has_labels = bool((batch["label"] >= 0).any())  # on the CPU copy: no device sync
-                x = batch["input"].to(device, non_blocking=True)
+                x = batch["input"].to(device, non_blocking=True, memory_format=memory_format)
                 labels = batch["label"].to(device, non_blocking=True) if has_labels else None
                 targets = {name: t.to(device, non_blocking=True) for name, t in batch["targets"].items()}
-                with autocast_for(device, training=True):
+                with precision.autocast():
                     logits = student(x)
                 feats = run.features.value if run.features is not None else None
                 out = method(logits.float(), labels, targets, student_features=feats, stage=stage)
-                optimizer.zero_grad(set_to_none=True)
-                out.total.backward()
-                optimizer.step()
+                precision.backward_step(out.total, optimizer, params, recipe.grad_clip)
                 scheduler.step()
+                step += 1
                 n = x.shape[0]
                 seen += n
                 total += out.total.detach() * n
                 for key, value in out.components.items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + value * n
+                if bar.enabled:  # running means for the bar (a device sync; not when quiet)
+                    bar.step(n, float(total) / seen, {key: float(v) / seen for key, v in parts_sum.items()})
+            train_seconds = time.perf_counter() - epoch_start
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "stage": stage,
                 "loss": float(total) / max(seen, 1),
                 "components": {key: float(v) / max(seen, 1) for key, v in parts_sum.items()},
-                "train_seconds": time.perf_counter() - epoch_start,
+                "train_seconds": train_seconds,
+                "images_per_second": seen / max(train_seconds, 1e-9),
+                "lr": optimizer.param_groups[0]["lr"],
             }
             if run.eval_set is not None:
                 record["test_accuracy"] = evaluate_accuracy(student, run.eval_set, device=device)
+                record["eval_split"] = run.eval_split
             history.append(record)
-            bar.update(record["epoch"], record["loss"], record.get("test_accuracy"))
+            out_path.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(
+                out_path / CHECKPOINT, model=student, loss=method, optimizer=optimizer, scheduler=scheduler,
+                scaler=precision.scaler,
+                info={"epoch": epoch + 1, "step": step, "sampler": {"epoch": epoch + 1, "batch": 0},
+                      "args": run_args, "history": history, "stages": stages_run},
+            )
+            bar.end_epoch(record)
             if on_epoch is not None:
                 on_epoch(record)
     if run.features is not None:
         run.features.remove()
-    return history, stages_run
+    return history, stages_run, start_epoch
 
 
 def _store_rows(run: Run) -> list[dict[str, Any]]:
@@ -219,7 +299,8 @@ def _store_rows(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings, wall_start) -> dict[str, Any]:
+def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings, wall_start, precision,
+                   start_epoch) -> dict[str, Any]:
     """``student.pt`` (the state dict) and ``metrics.json``; returns the metrics."""
     out_path = Path(config.out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
@@ -238,13 +319,20 @@ def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings,
         "k": effective_k,
         "test_accuracy": history[-1].get("test_accuracy"),
         "best_test_accuracy": max((h["test_accuracy"] for h in history if "test_accuracy" in h), default=None),
-        "eval_split": config.eval_split,
+        "eval_split": run.eval_split,
+        "holdout": run.holdout,
         "epochs": config.epochs,
         "seed": config.seed,
         "batch_size": config.batch_size,
-        "lr": config.lr,
-        "optimizer": "adam",
-        "schedule": "cosine to 0 over all steps",
+        "lr": config.recipe.lr,
+        "optimizer": config.recipe.optimizer,
+        "schedule": "cosine to 0 over all steps"
+        if config.recipe.schedule == "cosine" and not config.recipe.warmup_epochs else config.recipe.schedule,
+        "recipe": {**config.recipe.to_dict(), "amp": precision.name, "train_transform": _transform_name(first_part),
+                   "shuffle": run.shuffle, "preloaded": run.train_data.preloaded_all,
+                   "max_preload_bytes": run.preload_bytes,
+                   "student_feature_layer": config.student_feature_layer if run.features is not None else None,
+                   "workers": config.num_workers, "resumed_from_epoch": start_epoch if config.resume else None},
         "steps": config.epochs * len(run.sampler),
         "views": config.views,
         "replayed_augmentation": [(s.schema.augmentation or {}).get("policy", "none") for s in run.stores],
@@ -269,3 +357,8 @@ def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings,
     (out_path / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
+
+def _transform_name(part) -> str:
+    if part._policy is not None:
+        return f"replayed {part._policy.name} views"
+    return "eval preprocessing" if part.train_transform is None else part.train_transform.name

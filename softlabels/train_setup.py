@@ -12,59 +12,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from softlabels.data.provenance import allowed_kinds
 from softlabels.data import ConcatDistillDataset, DistillDataset, StoreBatchSampler, dataset_differences, make_loader
 from softlabels.datasets import load_dataset
+from softlabels.datasets.splits import choose_eval_split, holdout
 from softlabels.device import pick_device
 from softlabels.errors import InvalidTargetsError, SpecError
 from softlabels.fields import TOPK_INDICES, TOPK_VALUES
 from softlabels.fit import check_training_args
 from softlabels.losses import DistillationMethod, build_method, method_class, method_defaults
-from softlabels.models import build_model, list_models
-from softlabels.stores.reader import SoftLabelStore, open_store
+from softlabels.stores.integrity import open_checked_stores
+from softlabels.stores.reader import SoftLabelStore
+from softlabels.student import StudentFeatures, build_student, check_student
 from softlabels.targets import check_k
+from softlabels.train_transforms import train_transform_for
 
 if TYPE_CHECKING:
     from softlabels.train import TrainConfig
 
-__all__ = ["Run", "setup", "build_student", "StudentFeatures"]
-
-
-def build_student(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """``builtin:<arch>`` (or a bare ``<arch>``) from :mod:`softlabels.models`."""
-    kind, sep, arch = spec.strip().partition(":")
-    if not sep:
-        kind, arch = "builtin", kind
-    unknown = f"unknown student spec '{spec}'; use builtin:<arch> with arch one of: {', '.join(list_models())}"
-    if kind != "builtin" or not arch:
-        raise SpecError(unknown)
-    try:
-        return build_model(arch, input_shape, num_classes)
-    except SpecError:
-        if arch.strip().lower() not in list_models():
-            raise SpecError(unknown) from None
-        raise
-
-
-class StudentFeatures:
-    """Captures the input of ``model.classifier`` (the penultimate feature, the student's hint
-    layer) on every forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        head = getattr(model, "classifier", None)
-        if not isinstance(head, nn.Linear):
-            raise SpecError("the hint method needs a student whose final layer is an nn.Linear named 'classifier'")
-        self.dim = head.in_features
-        self.value: torch.Tensor | None = None
-        self._handle = head.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.value = args[0].flatten(1)
-
-    def remove(self) -> None:
-        self._handle.remove()
+__all__ = ["Run", "setup", "build_student", "StudentFeatures"]  # the last two live in softlabels.student
 
 
 @dataclass
@@ -86,6 +56,11 @@ class Run:
     k: int | None  # the top-k the batches carry (None: all stored, or no top-k read)
     reads_topk: bool
     allowed_mismatch: list[dict[str, Any]] = field(default_factory=list)
+    input_shape: tuple[int, ...] = ()
+    shuffle: str = "full"  # the sampler's order: full (preloaded) or chunks (streamed)
+    preload_bytes: int = 0
+    eval_split: str | None = None  # the split evaluated on ("holdout": a held-out part of train)
+    holdout: dict[str, Any] | None = None  # fraction, seed and row counts of --holdout
 
 
 def _as_list(store_path: str | Sequence[str] | None) -> list[str]:
@@ -97,9 +72,10 @@ def _as_list(store_path: str | Sequence[str] | None) -> list[str]:
 
 
 def _check_same_teacher(
-    stores: list[SoftLabelStore], allow_mismatch: bool, warn: Callable[[str], None]
+    stores: list[SoftLabelStore], allow_mismatch: bool | Sequence[str], warn: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    """Refuse stores of different teachers; with ``allow_mismatch`` warn and return the
+    """Refuse stores of different teachers; with ``allow_mismatch`` (True, or kinds holding
+    ``teacher``) warn and return the
     differences (for ``metrics.json``'s ``allowed_mismatch``)."""
     first = stores[0].schema.teacher
     allowed = []
@@ -111,11 +87,11 @@ def _check_same_teacher(
                     f"stores {stores[0].location} and {other.location} come from different teachers "
                     f"({key}: {first.get(key)!r} vs {t.get(key)!r})"
                 )
-                if not allow_mismatch:
-                    raise SpecError(msg + "; train from stores of one teacher, or pass --allow-mismatch")
-                warn(msg + "; training anyway (--allow-mismatch)")
+                if "teacher" not in allowed_kinds(allow_mismatch):
+                    raise SpecError(msg + "; train from stores of one teacher, or pass --allow teacher")
+                warn(msg + "; training anyway (--allow teacher)")
                 allowed.append(
-                    {"store": other.location, "field": f"teacher.{key}", "store_value": t.get(key),
+                    {"store": other.location, "field": f"teacher.{key}", "kind": "teacher", "store_value": t.get(key),
                      "run_value": first.get(key)}
                 )
                 break
@@ -129,7 +105,7 @@ def _open_stores(config: TrainConfig, cls: type[DistillationMethod], note) -> tu
         raise SpecError(
             f"method {config.method!r} reads teacher targets from a store; pass --store (a `softlabels dump` output)"
         )
-    stores = [open_store(p, storage_options=config.storage_options) for p in paths]
+    stores = open_checked_stores(paths, storage_options=config.storage_options, expect_digests=config.expect_digests)
     splits = [str(s.schema.dataset.get("split", "train")) for s in stores] or ["train"]
     if len(set(splits)) != len(splits):
         raise SpecError(f"two stores cover the same split ({', '.join(splits)}); pass one store per split")
@@ -142,7 +118,22 @@ def _open_stores(config: TrainConfig, cls: type[DistillationMethod], note) -> tu
     return paths, stores, splits, allowed
 
 
-def _build_method(config: TrainConfig, cls, hparams, stores, student, num_classes, k):
+def feature_stats(store: SoftLabelStore, layer: str) -> tuple[float, float]:
+    """(mean, rms) of every stored value of ``features/<layer>``: the store's summary (format
+    1.2), else computed here chunk by chunk (older stores)."""
+    recorded = ((store.meta.summary or {}).get("features") or {}).get(layer)
+    if recorded is not None:
+        return float(recorded["mean"]), float(recorded["rms"])
+    array = store.array(f"features/{layer}")
+    total = squares = count = 0.0
+    step = max(1, store.schema.rows_per_chunk)
+    for start in range(0, store.num_samples, step):
+        block = np.asarray(array[start : start + step], dtype=np.float64)
+        total, squares, count = total + block.sum(), squares + np.square(block).sum(), count + block.size
+    return total / max(count, 1), float(np.sqrt(squares / max(count, 1)))
+
+
+def _build_method(config: TrainConfig, cls, hparams, stores, student, num_classes, k, input_shape):
     """The method with the store constants it declares; the student's feature hook if it reads
     features. Returns ``(method, features)``."""
     constants: dict[str, Any] = {"num_classes": num_classes}
@@ -151,7 +142,7 @@ def _build_method(config: TrainConfig, cls, hparams, stores, student, num_classe
     features = None
     layer = cls.feature_layer(hparams)
     if layer is not None:
-        features = StudentFeatures(student)
+        features = StudentFeatures(student, config.student_feature_layer)
         dims = dict(stores[0].schema.features)
         if layer not in dims:
             raise InvalidTargetsError(
@@ -159,7 +150,9 @@ def _build_method(config: TrainConfig, cls, hparams, stores, student, num_classe
                 f"{', '.join(dims) or 'none'}); re-dump with --feature-layer or choose another method"
             )
         constants["teacher_feature_shape"] = (dims[layer],)
-        hparams.setdefault("student_feature_shape", (features.dim,))
+        if "teacher_feature_stats" in cls.store_constants:
+            constants["teacher_feature_stats"] = feature_stats(stores[0], layer)
+        hparams.setdefault("student_feature_shape", features.probe(student, input_shape))
     if "k" in method_defaults(config.method) and k is not None:
         for store in stores:  # before build_method, whose own check only knows num_classes
             check_k(k, store.k, f"store {store.location}")
@@ -170,7 +163,9 @@ def _build_method(config: TrainConfig, cls, hparams, stores, student, num_classe
 def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
     """Resolve ``config`` into a :class:`Run`; ``note`` receives every warning, in order."""
     cls = method_class(config.method)  # unknown name -> SpecError listing the known methods
-    check_training_args(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr)
+    check_training_args(epochs=config.epochs, batch_size=config.batch_size, lr=config.recipe.lr)
+    if config.shuffle not in ("auto", "full", "chunks"):
+        raise SpecError(f"shuffle must be auto, full or chunks, got {config.shuffle!r}")
     hparams = dict(config.hparams or {})
     k = config.k
     if config.temperature is not None:
@@ -194,8 +189,10 @@ def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
     device = pick_device()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        student = build_student(config.student_arch, tuple(infos[0].input_shape), num_classes)
-        method, features = _build_method(config, cls, hparams, stores, student, num_classes, k)
+        input_shape = tuple(infos[0].input_shape)
+        student = build_student(config.student_arch, input_shape, num_classes)
+        check_student(student, config.student_arch, input_shape, num_classes)
+        method, features = _build_method(config, cls, hparams, stores, student, num_classes, k, input_shape)
     if method.requires_labels and unlabeled:
         path, split = unlabeled[0]
         raise InvalidTargetsError(
@@ -215,6 +212,7 @@ def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
         DistillDataset.for_method(
             dataset, store, method, info=info, k=k, views=config.views, seed=config.seed,
             allow_mismatch=config.allow_mismatch, student_augment=config.student_augment,
+            preload_bytes=config.preload_bytes, train_transform=train_transform_for(dataset, input_shape, config.augment),
         )
         for (dataset, info), store in zip(loaded, stores or [None])
     ]
@@ -224,18 +222,49 @@ def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
     for path, (dataset, info), store in zip(paths, loaded, stores):
         allowed += [{"store": path, **d.to_dict()} for d in dataset_differences(store, dataset, info)]
     train_data = parts[0] if len(parts) == 1 else ConcatDistillDataset(parts)
-    shuffle = True if train_data.preloaded_all else "chunks"
-    sampler = StoreBatchSampler(train_data, config.batch_size, shuffle=shuffle, seed=config.seed)
+    if config.views in ("next", "random") and stores and all(s.views == 1 for s in stores):
+        raise SpecError(
+            f"--views {config.views} picks one of several stored views per epoch, but {', '.join(paths)} "
+            "hold one view per sample; dump with --views V --augment POLICY, or drop --views"
+        )
+    eval_split = None  # None and no --holdout: no evaluation
+    if config.eval_split is not None or config.holdout is not None:
+        eval_split = choose_eval_split(config.dataset_spec, splits[0], _requested(config.eval_split), config.holdout)
+    eval_set, exclude, held = None, None, None
+    if eval_split is None and config.holdout is not None:  # a seeded part of the train rows, left out of training
+        if "train" not in splits:
+            raise SpecError(f"--holdout holds out part of the train split, but the stores cover {', '.join(splits)}")
+        part = splits.index("train")
+        held = holdout(loaded[part][0], config.holdout, config.seed)
+        offset = sum(len(p) for p in parts[:part])
+        eval_set, exclude, eval_split = held.held_out, held.held_out_index + offset, "holdout"
+    shuffle = config.shuffle
+    if shuffle == "auto":
+        shuffle = "full" if train_data.preloaded_all else "chunks"
+    if config.batch_size > len(train_data):
+        raise SpecError(
+            f"--batch-size {config.batch_size} is larger than the {len(train_data)} training samples; "
+            f"use --batch-size <= {len(train_data)}"
+        )
+    sampler = StoreBatchSampler(train_data, config.batch_size, shuffle=True if shuffle == "full" else "chunks",
+                                seed=config.seed, exclude=exclude)
     batches: Any = sampler  # in-process: one __getitems__ per batch, no DataLoader machinery
     if config.num_workers > 0:
         batches = make_loader(train_data, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
 
-    eval_set = None
-    if config.eval_split:
-        eval_set, eval_info = load_dataset(config.dataset_spec, config.eval_split)
+    if eval_split is not None and eval_set is None:
+        eval_set, eval_info = load_dataset(config.dataset_spec, eval_split)
         if eval_info.labels is None:
             raise SpecError(
-                f"the {config.eval_split} split of {eval_info.spec} is unlabeled; choose a labelled eval split"
+                f"the {eval_split} split of {eval_info.spec} is unlabeled; choose a labelled eval split"
             )
     return Run(paths, stores, splits, infos, student, method, features, train_data, sampler, batches, eval_set,
-               device, k, reads_topk, allowed)
+               device, k, reads_topk, allowed, input_shape, shuffle, config.preload_bytes, eval_split,
+               None if held is None else held.to_dict())
+
+
+def _requested(eval_split: str | None) -> str | None:
+    """The split asked for; None for "auto" (test, else val)."""
+    if eval_split is None or eval_split.strip().lower() == "auto":
+        return None
+    return eval_split

@@ -281,7 +281,8 @@ def test_other_dataset_spec_is_named(digits_store):
         "store, 'digits:seed=1,test_samples=360' here; "
         f"labels_sha256 {stored['labels_sha256'][:12]} in the store, {here} here (labels differ in value or order); "
         f"content_sha256 {stored['content_sha256'][:12]} in the store, {other_info.content_sha256[:12]} here "
-        "(inputs differ); train on the dataset the store was dumped from, or pass --allow-mismatch to train anyway"
+        "(inputs differ); train on the dataset the store was dumped from, or pass --allow spec --allow labels "
+        "--allow files to train anyway"
     )
 
 
@@ -298,7 +299,7 @@ def test_shuffled_labels_and_preprocessing_mismatch_and_allow(digits, digits_sto
     assert " here (labels differ in value or order); " in msg and "; labels_sha256 " in msg
     assert ": preprocessing.scale 'pixel / 16 -> [0, 1]' in the store, 'pixel / 255' here; " in msg
     data = DistillDataset(shuffled, digits_store, info=bad_info, fields=[fmt.TOPK_VALUES], allow_mismatch=True)
-    assert len(data.warnings) == 1 and data.warnings[0].endswith("; training anyway (--allow-mismatch)")
+    assert len(data.warnings) == 1 and data.warnings[0].endswith("; training anyway (--allow preprocessing, labels)")
     assert data.warnings[0].startswith(f"store {digits_store} does not match this run's dataset: preprocessing.scale")
     assert torch.equal(data.__getitems__([0, 1])["label"], torch.as_tensor(labels[:2]))  # the dataset's labels
 

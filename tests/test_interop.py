@@ -12,13 +12,14 @@ import zarr
 from softlabels.stores import format as fmt
 from softlabels.stores.metadata import METADATA_DIGEST_KEY, metadata_digests, read_metadata_documents
 from softlabels.stores.reader import open_store
+from softlabels.stores.digest import store_digest
 from softlabels.stores.verify import verify_store
 
 
 def _rewrite_as_written_by(store_path, version, extra_key=None, extra_array=None):
     """Make ``store_path`` what a future writer of format ``version`` could have written: its
     format_version, optionally an unknown metadata key and an unknown array, and a consistent
-    metadata_sha256 (a real writer of that version records its own)."""
+    metadata_sha256 and store_digest (a real writer of that version records its own)."""
     root = store_path / "zarr.json"
     doc = json.loads(root.read_text())
     meta = doc["attributes"][fmt.ATTRS_KEY]
@@ -33,6 +34,7 @@ def _rewrite_as_written_by(store_path, version, extra_key=None, extra_array=None
     docs, problems = read_metadata_documents(zstore)
     assert not problems
     meta[METADATA_DIGEST_KEY] = metadata_digests(docs, root_meta=meta)
+    meta["store_digest"] = store_digest(meta[METADATA_DIGEST_KEY], zarr.open_array(str(store_path / "units/sha256"))[...])
     doc = json.loads(root.read_text())
     doc["attributes"][fmt.ATTRS_KEY] = meta
     root.write_text(json.dumps(doc, indent=2))

@@ -1,5 +1,5 @@
 """Provenance is checked when training starts: a store only trains with the dataset it was dumped
-from. Every difference is named with the store's value and this run's value; `--allow-mismatch`
+from. Every difference is named with the store's value and this run's value; `--allow KIND`
 lets the soft ones through with a visible warning and records them in metrics.json; a different
 sample or class count is refused even then (targets would not line up with the rows / outputs)."""
 
@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+
+from assertions import one_line_error
 
 from softlabels.datasets import load_dataset
 from softlabels.data import DistillDataset, StoreDatasetMismatchError, store_dataset_metadata
@@ -72,20 +74,23 @@ def test_other_seed_of_a_builtin_is_refused_then_allowed_with_warning(cli, digit
     assert code == 2
     assert _one_error_line(err) == (
         f"error: store {store} does not match this run's dataset: {differences}; train on the dataset the store "
-        "was dumped from, or pass --allow-mismatch to train anyway"
+        "was dumped from, or pass --allow spec --allow labels --allow files to train anyway"
     )
     assert not (tmp_path / "refused" / "metrics.json").exists()
+    one_line_error(*_train(cli, store, "digits:seed=1", tmp_path / "refused", "--allow", "spec"), "--allow labels --allow files")
 
-    code, out, err = _train(cli, store, "digits:seed=1", tmp_path / "allowed", "--allow-mismatch")
+    code, out, err = _train(cli, store, "digits:seed=1", tmp_path / "allowed", "--allow", "spec", "--allow", "labels,files")
     assert code == 0, err
     assert f"warning: store {store} does not match this run's dataset: {differences}; training anyway " \
-           "(--allow-mismatch)" in " ".join(err.split())
+           "(--allow spec, labels, files)" in " ".join(err.split())
     metrics = json.loads((tmp_path / "allowed" / "metrics.json").read_text())
     assert metrics["allowed_mismatch"] == [
-        {"store": str(store), "field": "spec", "store_value": DIGITS, "run_value": "digits:seed=1,test_samples=360"},
-        {"store": str(store), "field": "labels_sha256", "store_value": stored_fp, "run_value": here_fp},
-        {"store": str(store), "field": "content_sha256", "store_value": info.content_sha256,
-         "run_value": other.content_sha256},
+        {"store": str(store), "field": "spec", "kind": "spec", "store_value": DIGITS,
+         "run_value": "digits:seed=1,test_samples=360"},
+        {"store": str(store), "field": "labels_sha256", "kind": "labels", "store_value": stored_fp, "run_value": here_fp,
+         "note": "labels differ in value or order"},
+        {"store": str(store), "field": "content_sha256", "kind": "files", "store_value": info.content_sha256,
+         "run_value": other.content_sha256, "note": "inputs differ"},
     ]
     assert len(metrics["warnings"]) == 1 and "does not match this run's dataset" in metrics["warnings"][0]
 
@@ -98,21 +103,21 @@ def test_other_preprocessing_is_refused_then_allowed(cli, tmp_path):
     assert code == 2
     assert _one_error_line(err) == (
         f"error: store {store} does not match this run's dataset: {difference}; train on the dataset the store "
-        "was dumped from, or pass --allow-mismatch to train anyway"
+        "was dumped from, or pass --allow preprocessing to train anyway"
     )
-    code, _, err = _train(cli, store, "digits", tmp_path / "allowed", "--allow-mismatch")
+    code, _, err = _train(cli, store, "digits", tmp_path / "allowed", "--allow", "preprocessing")
     assert code == 0, err
-    assert f"does not match this run's dataset: {difference}; training anyway (--allow-mismatch)" in " ".join(err.split())
+    assert f"does not match this run's dataset: {difference}; training anyway (--allow preprocessing)" in " ".join(err.split())
     metrics = json.loads((tmp_path / "allowed" / "metrics.json").read_text())
     assert metrics["allowed_mismatch"] == [
-        {"store": str(store), "field": "preprocessing.scale", "store_value": "pixel / 255 -> [0, 1]",
-         "run_value": "pixel / 16 -> [0, 1]"}
+        {"store": str(store), "field": "preprocessing.scale", "kind": "preprocessing",
+         "store_value": "pixel / 255 -> [0, 1]", "run_value": "pixel / 16 -> [0, 1]"}
     ]
 
 
 def test_other_size_of_a_builtin_is_refused_even_when_allowed(cli, digits_store, tmp_path):
     store, _ = digits_store
-    for extra in ((), ("--allow-mismatch",)):
+    for extra in ((), ("--allow", "spec,preprocessing,labels,files,classes,teacher")):
         code, _, err = _train(cli, store, "digits:test_samples=400", tmp_path / "o", *extra)
         assert code == 2
         assert _one_error_line(err) == (
@@ -127,7 +132,7 @@ def test_other_size_of_a_builtin_is_refused_even_when_allowed(cli, digits_store,
 def test_other_class_count_is_refused_even_when_allowed(cli, tmp_path):
     sizes = "train_samples=400,test_samples=100"
     store, _ = _dump(tmp_path / "c12.zarr", f"synthetic:num_classes=12,{sizes}")
-    for extra in ((), ("--allow-mismatch",)):
+    for extra in ((), ("--allow", "spec,preprocessing,labels,files,classes,teacher")):
         code, _, err = _train(cli, store, f"synthetic:num_classes=8,{sizes}", tmp_path / "o", *extra)
         assert code == 2
         line = _one_error_line(err)
@@ -150,12 +155,15 @@ def test_other_split_is_named(tmp_path):
     assert f"store {store} does not match this run's dataset: split 'train' in the store, 'test' here; " in str(e.value)
     assert "labels_sha256 " in str(e.value) and "content_sha256 " in str(e.value)
     data = DistillDataset(test_ds, store, info=test_info, fields=[fmt.TOPK_VALUES], allow_mismatch=True)
-    assert data.warnings[0].endswith("; training anyway (--allow-mismatch)")
+    assert data.warnings[0].endswith("; training anyway (--allow spec, labels, files)")
 
 
 def test_cli_trains_each_store_on_the_split_it_records(cli, tmp_path):
     store, _ = _dump(tmp_path / "test.zarr", "digits", "test")
-    code, _, err = _train(cli, store, "digits", tmp_path / "run")
+    # its only held-out split is the one it trains on: evaluating there would report training accuracy
+    one_line_error(*_train(cli, store, "digits", tmp_path / "run"), "training on the test split of digits leaves no "
+                   "held-out split", "--holdout 0.1")
+    code, _, err = _train(cli, store, "digits", tmp_path / "run", "--eval-split", "")
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train_splits"] == ["test"] and metrics["train_samples"] == 360

@@ -198,11 +198,14 @@ def test_copy_of_a_damaged_store_fails_verification_and_is_not_a_store(tiny_stor
     assert code == 1
     lines = err.strip().splitlines()
     assert lines[0].startswith("bad: chunk topk_values/c/1/0/0: checksum mismatch")
-    assert lines[-1].startswith(f"error: the copy at {url} failed verification (1 problem(s)")
+    assert lines[-1].startswith(f"error: the copy of {tiny_store} failed verification (1 problem(s)")
+    assert lines[-1].endswith(f"{url} was not changed; check the source with `softlabels verify {tiny_store}`")
     code, _, err = cli("info", url, *s3["flags"])
     assert code == 2 and err.startswith(f"error: no store at {url}")
-    code, _, err = cli("copy", tiny_store, url, *s3["flags"])  # the partial copy is still there
-    assert code == 2 and "already exists; pass --overwrite" in err
+    # the copy went to a staging prefix, removed on failure: nothing is left next to the destination
+    assert not location_exists(url, s3["options"])
+    listed = s3["client"].list_objects_v2(Bucket="team", Prefix=url.split("team/", 1)[1].rsplit("/", 1)[0])
+    assert listed.get("KeyCount", 0) == 0
 
 
 def test_http_store_reads_verifies_and_copies(tiny_store, http_root, cli, tmp_path):

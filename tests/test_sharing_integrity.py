@@ -160,7 +160,7 @@ def test_train_refuses_a_store_being_written(tmp_path, cli):
                              dataset=store_dataset_metadata(info))
     StoreWriter.create(tmp_path / "half.zarr", schema)
     code, _, err = cli("train", "--store", tmp_path / "half.zarr", "--dataset", "digits", "--method", "kd-topk",
-                       "--epochs", "1", "--quiet", "--out", tmp_path / "o", "--allow-mismatch")
+                       "--epochs", "1", "--quiet", "--out", tmp_path / "o", "--allow", "spec")
     assert code == 2
     assert err.strip().splitlines() == [
         f"error: {tmp_path / 'half.zarr'} is incomplete (status 'writing'); finish it with "

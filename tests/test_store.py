@@ -178,13 +178,44 @@ def test_writer_rejects_bad_targets(tmp_path):
         w.write_unit(0, bad)
     assert not (tmp_path / "s" / "logsumexp" / "c" / "0").exists()
     with pytest.raises(InvalidTargetsError, match="overflows float16"):
-        w.write_unit(0, dict(f, topk_values=f["topk_values"] * 0 - 1e6))
+        w.write_unit(0, dict(f, topk_values=f["topk_values"] * 0 + 1e6))  # below -65504 is clamped: test_float16_clamp
     with pytest.raises(InvalidTargetsError, match="labels outside 0..9"):
         w.write_unit(0, dict(f, labels=f["labels"] * 0 - 1))
     with pytest.raises(InvalidTargetsError, match="missing \\['labels'\\]"):
         w.write_unit(0, {k: v for k, v in f.items() if k != "labels"})
     with pytest.raises(InvalidTargetsError, match=r"k=11 is outside 1\.\.10"):
         _schema(k=11)
+
+
+def test_float16_cast_and_finite_check_match_numpy():
+    """The writer casts float32 -> float16 with torch and tests float16 finiteness by exponent
+    bits (both far faster than numpy): the bytes and the verdicts must be numpy's."""
+    from softlabels.stores.writer import _all_finite, _cast_float
+
+    bits = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32)  # ~1 M patterns over all float32
+    x = bits.view(np.float32)
+    x = x[~np.isnan(x)]  # NaN is rejected before any cast; its payload is not specified
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    got = _cast_float(x.copy(), "float16")
+    assert got.dtype == np.float16 and np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    for arr in (want, want[np.isfinite(want)], np.array([np.nan], np.float16), x):
+        assert _all_finite(arr) == bool(np.isfinite(arr).all())
+
+
+def test_writer_rejects_bad_float16_input(tmp_path):
+    """Features handed over as float16 take the exponent-bits check; float32 ones the cast."""
+    schema = _schema(features=(("penultimate", 6),))
+    w = StoreWriter.create(tmp_path / "s", schema)
+    f = _fields(schema, 0)
+    rows = f["labels"].shape[0]
+    feats = np.ones((rows, 1, 6), np.float16)
+    w.write_unit(0, dict(f, **{"features/penultimate": feats}))
+    feats[3, 0, 2] = np.inf
+    with pytest.raises(InvalidTargetsError, match="features/penultimate contains NaN/inf"):
+        w.write_unit(0, dict(f, **{"features/penultimate": feats}))
+    with pytest.raises(InvalidTargetsError, match="features/penultimate overflows float16"):
+        w.write_unit(0, dict(f, **{"features/penultimate": np.full((rows, 1, 6), 65520.0, np.float32)}))
 
 
 def test_open_errors(tmp_path, small_store):
@@ -200,7 +231,7 @@ def test_open_errors(tmp_path, small_store):
     doc = json.loads(meta_path.read_text())
     doc["attributes"]["softlabels"]["format_version"] = "2.0"
     meta_path.write_text(json.dumps(doc))
-    with pytest.raises(UnsupportedFormatError, match="format 2.0, newer than this reader's 1.1; upgrade"):
+    with pytest.raises(UnsupportedFormatError, match=f"format 2.0, newer than this reader's {fmt.FORMAT_VERSION}; upgrade"):
         open_store(small_store)
 
 

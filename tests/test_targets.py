@@ -106,3 +106,20 @@ def test_errors_are_clear():
         temperature_index(TEMPS, 3.0)
     assert temperature_index(TEMPS, 4) == 2
     assert np.isclose(TEMPS[temperature_index(TEMPS, 8.0)], 8.0)
+
+
+def test_fast_paths_give_the_bits_of_the_plain_computation():
+    """summarize_logits skips isfinite(z).all() when z.sum() is finite and z / 1.0 at T = 1:
+    the stored fields must stay bit for bit those of the plain formulas (stores are compared
+    byte for byte across versions), and huge but finite logits must still pass."""
+    z = _logits(3, n=300, c=1000)
+    z[0, :4] = 3e38  # finite logits whose sum overflows: the exact check must run, and pass
+    got = summarize_logits(z, k=10, temperatures=TEMPS)
+    norm = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    values, indices = torch.topk(norm, 10, dim=-1)
+    lse = torch.stack([torch.logsumexp(norm / t, dim=-1) for t in TEMPS], dim=-1)
+    for name, want in (("topk_values", values), ("topk_indices", indices), ("logsumexp", lse)):
+        assert torch.equal(got[name], want), name
+    z[5, 7] = float("inf")
+    with pytest.raises(InvalidTargetsError, match="NaN/inf logits for 1 sample"):
+        summarize_logits(z, k=2, temperatures=TEMPS)

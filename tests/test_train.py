@@ -218,7 +218,9 @@ def test_cli_user_errors(digits_teacher, tmp_path):
         (["--store", store, "--method", "dark-knowledge"], SpecError,
          "unknown method 'dark-knowledge'; choose one of: ce, hint, kd, kd-pt, kd-pt+sim, kd-sim, kd-topk, ls"),
         (["--store", store, "--method", "kd", "--student", "builtin:transformer"], SpecError,
-         "unknown student spec 'builtin:transformer'; use builtin:<arch> with arch one of: cnn, linear, mlp, resmlp"),
+         "unknown student spec 'builtin:transformer'; built-in archs: cnn, linear, mlp, resmlp, resnet20, resnet56, tangmlp-128, tangmlp-16, tangmlp-256, "
+         "tangmlp-32, tangmlp-512, tangmlp-64, tangmlp-8 (any other student: "
+         "builtin:<arch>, torchvision:<arch>, timm:<arch> or package.module:factory)"),
         (["--method", "kd"], SpecError,
          "method 'kd' reads teacher targets from a store; pass --store (a `softlabels dump` output)"),
         (["--store", store, "--method", "kd", "--hparam", "alpha=0.5"], SpecError,

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from softlabels.stores import format as fmt
 from softlabels.stores.verify import verify_store
 
 CLI = [sys.executable, "-m", "softlabels.cli.app"]
@@ -103,7 +104,7 @@ def test_newer_format_is_refused_by_cli(small_store):
     r = run("info", small_store)
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        f"error: {small_store} uses softlabels store format 2.1, newer than this reader's 1.1; "
+        f"error: {small_store} uses softlabels store format 2.1, newer than this reader's {fmt.FORMAT_VERSION}; "
         "upgrade softlabels (pip install -U softlabels)"
     )
 

@@ -75,7 +75,7 @@ def test_shift_view_replayed_bit_identical(tmp_path, mnist1d_teacher, one_torch_
     assert shifts.min() == -5 and shifts.max() == 5 and len(np.unique(shifts)) == 11
     assert store.schema.augmentation == {"policy": "shift1d", "params": {"max": 5}, "seed": 11, "version": 1,
                                          "arrays": {"shift": {"shape": [], "dtype": "int16"}}}
-    assert store.meta.format_version == "1.1" and verify_store(tmp_path / "s").ok
+    assert store.meta.format_version == fmt.FORMAT_VERSION and verify_store(tmp_path / "s").ok
     saw = _teacher_saw(capture, 3, 800)
     for view in range(3):
         batch = _replayed(tmp_path / "s", dataset, info, view, 800)
@@ -120,7 +120,7 @@ def test_crop_flip_view_replayed_bit_identical(tmp_path, one_torch_thread):
     from softlabels.models import build_model
 
     _varied_imagefolder(tmp_path / "img")
-    spec = f"imagefolder:{tmp_path / 'img'}?size=16&crop=16&mean=0.5,0.5,0.5&std=0.25,0.25,0.25"
+    spec = f"imagefolder:{tmp_path / 'img'}?size=20&crop=16&mean=0.5,0.5,0.5&std=0.25,0.25,0.25"
     torch.manual_seed(0)
     torch.save(build_model("mlp", (3, 16, 16), 2).state_dict(), tmp_path / "mlp.pt")
     config = _config(tmp_path / "s", tmp_path / "mlp.pt", teacher="builtin:mlp", dataset=spec, k=2, views=4,
@@ -133,6 +133,9 @@ def test_crop_flip_view_replayed_bit_identical(tmp_path, one_torch_thread):
     assert box.shape == (10, 4, 4) and box.dtype == np.int32 and flip.shape == (10, 4) and flip.dtype == np.uint8
     assert set(np.unique(flip)) == {0, 1}
     sizes = np.array([dataset.image_size(i) for i in range(10)])
+    # view 0 is the evaluation view: stored as box (0, 0, 0, 0), never flipped
+    assert (box[:, 0] == 0).all() and (flip[:, 0] == 0).all()
+    box, flip = box[:, 1:], flip[:, 1:]
     top, left, h, w = box[..., 0], box[..., 1], box[..., 2], box[..., 3]
     assert (top >= 0).all() and (left >= 0).all() and (h > 0).all() and (w > 0).all()
     assert (top + h <= sizes[:, None, 0]).all() and (left + w <= sizes[:, None, 1]).all()
@@ -140,19 +143,30 @@ def test_crop_flip_view_replayed_bit_identical(tmp_path, one_torch_thread):
     assert area.min() >= 0.2 - 0.05 and area.max() <= 1.0
     # captured batches: 3 batches (4, 4, 2 rows) x 4 views
     saw = {v: torch.cat([capture[b * 4 + v] for b in range(3)]) for v in range(4)}
+    # view 0 equals the evaluation transform, bit for bit: what the dataset returns for item i
+    assert torch.equal(saw[0], torch.stack([dataset[i][0] for i in range(10)]))
     for view in range(4):
         batch = _replayed(tmp_path / "s", dataset, info, view, 10)
         assert batch["input"].shape == (10, 3, 16, 16)
         assert torch.equal(batch["input"], saw[view])
+        if view == 0:
+            continue
         # independent replay from FORMAT.md alone: decode, resized_crop (bilinear, antialias), flip, normalise
         for row in range(10):
             img = F.pil_to_tensor(Image.open(dataset.paths[row]).convert("RGB"))
-            t, lf, hh, ww = (int(v) for v in box[row, view])
+            t, lf, hh, ww = (int(v) for v in box[row, view - 1])
             ref = F.resized_crop(img, t, lf, hh, ww, [16, 16], interpolation=InterpolationMode.BILINEAR, antialias=True)
-            if flip[row, view]:
+            if flip[row, view - 1]:
                 ref = F.horizontal_flip(ref)
             ref = (ref.float() / 255 - 0.5) / 0.25
             torch.testing.assert_close(saw[view][row], ref, atol=1e-5, rtol=0)
+    # so the figures of view 0 are those of a clean single-view dump of the same split
+    _dump_in_process(DumpConfig(**{**config.to_dict(), "out": str(tmp_path / "clean"), "views": 1, "augment": "none",
+                                   "temperatures": config.temperatures, "feature_layers": config.feature_layers}))
+    clean = open_store(tmp_path / "clean")
+    np.testing.assert_array_equal(clean.array("topk_values")[:, 0], store.array("topk_values")[:, 0])
+    view0 = store.meta.summary["view0"]
+    assert view0 == {key: clean.meta.summary[key] for key in view0}
     # DataLoader worker processes build the same views: every array identical
     _dump_in_process(DumpConfig(**{**config.to_dict(), "out": str(tmp_path / "s2"), "loader_workers": 2,
                                    "temperatures": config.temperatures, "feature_layers": config.feature_layers}))

@@ -6,12 +6,15 @@ User mistakes raise :class:`softlabels.errors.SoftlabelsError`; :func:`main` pri
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 
 import typer
 
 from softlabels import __version__
-from softlabels.errors import SoftlabelsError
+from softlabels.cli.options import show_flags_as_flags
+from softlabels.errors import Interrupted, SoftlabelsError
 
 app = typer.Typer(
     name="softlabels",
@@ -37,26 +40,43 @@ def _root(
 
 
 def _register() -> None:
-    from softlabels.cli import copy, dump, store_commands, teacher, train
+    from softlabels.cli import copy, dump, listing, report, store_commands, teacher, train
 
     store_commands.register(app)
     app.add_typer(teacher.teacher_app, name="teacher")
-    for module in (dump, train, copy):
+    for module in (dump, train, copy, report, listing):
         module.register(app)
 
 
 _register()
+show_flags_as_flags()
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         app()
     except SoftlabelsError as exc:
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        resumable = "; a dump's store stays resumable: rerun it with --resume" if sys.argv[1:2] == ["dump"] else ""
+        sys.stderr.write(f"error: the disk is full ({exc.strerror}){where}; free some space{resumable}\n")
+        sys.exit(1)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        # 128 + the signal's number, as a shell reports it (130 Ctrl-C, 143 SIGTERM); a dump's store
+        # stays resumable: units are recorded one by one and the status is still 'writing'
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        resumable = "; resume with --resume" if sys.argv[1:2] == ["dump"] else ""
+        sys.stderr.write(f"interrupted{resumable}\n")
+        sys.exit(128 + int(signum))
 
 
 if __name__ == "__main__":

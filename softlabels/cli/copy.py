@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import typer
 from rich.console import Console
@@ -24,13 +25,20 @@ def register(app: typer.Typer) -> None:
         src_option: list[str] = storage_option_flag("--src-option", help="fsspec option KEY=VALUE for SRC only (repeatable)."),
         dst_option: list[str] = storage_option_flag("--dst-option", help="fsspec option KEY=VALUE for DST only (repeatable)."),
         concurrency: int = typer.Option(16, "--concurrency", help="Objects in flight at once."),
+        expect_digest: str = typer.Option(
+            None, "--expect-digest", help="Refuse unless the copied store's digest (as `softlabels info` prints it) is "
+            "this sha256:...; DST is then left unchanged."
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary (for scripts)."),
     ) -> None:
-        """Copy the complete store SRC to DST byte for byte (no re-encoding), metadata last, then verify DST.
+        """Copy the complete store SRC to DST byte for byte (no re-encoding), through a staging copy that is
+        verified before it replaces DST.
 
-        A store still being written is refused. Exits 1, naming the bad chunks, when the copy does not verify."""
+        A store still being written, unsafe object keys and symbolic links are refused. Exits 1, naming the bad
+        chunks, when the copy does not verify; DST is then left as it was."""
         from softlabels.errors import SoftlabelsError
         from softlabels.stores.copy import CopyVerifyError, copy_store
+        from softlabels.stores.digest import parse_expected
 
         if concurrency < 1:
             raise SoftlabelsError(f"--concurrency must be at least 1, got {concurrency}")
@@ -44,22 +52,25 @@ def register(app: typer.Typer) -> None:
             console=console, disable=quiet,
         )
         task = progress.add_task("copy", total=None, mb=0.0, rate="")
-        copied = {"bytes": 0}
+        copied = {"bytes": 0, "t0": 0.0}
 
         def on_object(nbytes: int) -> None:
             copied["bytes"] += nbytes
-            elapsed = progress.tasks[0].elapsed or 0.0
+            # the summary's clock: from the first object requested, not from opening the source
+            elapsed = time.perf_counter() - copied["t0"]
             rate = f"{copied['bytes'] / 1e6 / elapsed:.1f} MB/s" if elapsed > 0 else ""
             progress.update(task, advance=1, mb=copied["bytes"] / 1e6, rate=rate)
 
         def on_start(objects: int) -> None:  # after every check passed: no bar for a refused copy
-            progress.update(task, total=objects)
+            progress.reset(task, total=objects)
             progress.start()
+            copied["t0"] = time.perf_counter()
 
         try:
             result = copy_store(
                 src, dst, source_options=src_options, destination_options=dst_options, overwrite=overwrite,
                 concurrency=concurrency, on_start=on_start, on_object=on_object,
+                expect_digest=parse_expected(expect_digest),
             )
         except CopyVerifyError as exc:
             progress.stop()

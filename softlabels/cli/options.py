@@ -16,8 +16,34 @@ STORAGE_OPTION_HELP = (
 )
 
 
-def storage_option_flag(name: str = "--storage-option", help: str = STORAGE_OPTION_HELP) -> Any:
-    return typer.Option(None, name, help=help)
+# rich help panels: every command groups its options under these names, in this order
+DATA, TEACHER, TARGETS, TRAINING, WORKERS, OUTPUT = "Data", "Teacher", "Targets", "Training", "Workers", "Output"
+
+
+def storage_option_flag(name: str = "--storage-option", help: str = STORAGE_OPTION_HELP, panel: str | None = None) -> Any:
+    return typer.Option(None, name, help=help, rich_help_panel=panel)
+
+
+def flag(*names: str, help: str, panel: str | None = None, **kwargs: Any) -> Any:
+    """A boolean option that takes no value (``--help`` shows it without a type: see
+    :func:`show_flags_as_flags`)."""
+    return typer.Option(False, *names, help=help, rich_help_panel=panel, **kwargs)
+
+
+def show_flags_as_flags() -> None:
+    """typer 0.29's rich help prints ``<bool>`` after every flag, ``--help`` included, as if it
+    took a value. A flag takes none: show no type for it."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_softlabels_flags", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag and not self.count else shown(self, ctx)
+
+    display_type_rich._softlabels_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
 
 
 def parse_key_values(items: list[str] | None, flag: str, *, example: str = "", dashes_to_underscores: bool = False) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def _as_store(store: SoftLabelStore | str | None) -> SoftLabelStore | None:
 
 
 def _array_nbytes(store: SoftLabelStore, name: str) -> int:
-    spec = {s.name: s for s in store.schema.per_sample_arrays()}[name]
+    spec = {s.name: s for s in store.schema.fields()}[name]
     return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
 
 
@@ -65,6 +65,8 @@ class DistillDataset(torch.utils.data.Dataset):
             each view's explicit parameters (``augment/*``): the input of a row is then that
             view rebuilt from the raw sample by the same :mod:`softlabels.augment` code the dump
             ran, bit-identical to what the teacher saw.
+        train_transform: the student's training view of raw images (``build(dataset, index, seed,
+            epoch)``, :mod:`softlabels.train_transforms`); ignored when stored views are replayed.
         student_augment: a student-only augmentation spec (``shift1d:max=N``, ``noise:std=S``,
             ``flip``), drawn fresh per (seed, epoch, sample) and applied after any replayed
             view. The teacher never saw it.
@@ -87,11 +89,12 @@ class DistillDataset(torch.utils.data.Dataset):
         k: int | None = None,
         views: str = "first",
         seed: int = 0,
-        allow_mismatch: bool = False,
+        allow_mismatch: bool | Sequence[str] = False,
         preload: bool | str = "auto",
         preload_bytes: int = DEFAULT_PRELOAD_BYTES,
         student_augment: str | None = None,
         prepare_for: Any = None,
+        train_transform: Any = None,
     ) -> None:
         from softlabels.augment import get_student_augment
 
@@ -116,6 +119,7 @@ class DistillDataset(torch.utils.data.Dataset):
         self._policy: Any = None
         self._view_params: dict[str, np.ndarray] = {}
         self.student_augment = get_student_augment(student_augment)
+        self.train_transform = train_transform  # see softlabels.train_transforms; unused when replaying views
         if self.student_augment is not None and info is not None:
             self.student_augment.check_shape(tuple(info.input_shape))
         if self.store is None:
@@ -167,7 +171,7 @@ class DistillDataset(torch.utils.data.Dataset):
     def _check_fields(self) -> None:
         store = self.store
         where = store.location
-        available = {s.name for s in store.schema.per_sample_arrays()}
+        available = {s.name for s in store.schema.fields()}
         for name in self.fields:
             if name in available:
                 continue
@@ -206,7 +210,7 @@ class DistillDataset(torch.utils.data.Dataset):
         elif force:
             chosen = feats
         for name in chosen:
-            self._ready[name] = self._batch_ready(name, self.store.array(name)[...])
+            self._ready[name] = self._batch_ready(name, self.store.load(name))
         self.preloaded = tuple(chosen)
 
     def _batch_ready(self, name: str, arr: np.ndarray) -> np.ndarray:
@@ -366,6 +370,8 @@ class DistillDataset(torch.utils.data.Dataset):
         if self._policy is not None:  # replay the stored view: what the teacher saw
             params = {name: arr[index, view] for name, arr in self._view_params.items()}
             x, y = self._policy.build(self.dataset, index, params), self._labels(index)
+        elif self.train_transform is not None:  # the student's own random view (no stored targets for it)
+            x, y = self.train_transform.build(self.dataset, index, self.seed, epoch), self._labels(index)
         else:
             x, y = self._inputs_labels(index)
         if self.student_augment is not None:  # student only: the teacher never saw this

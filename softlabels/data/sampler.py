@@ -26,7 +26,8 @@ class StoreBatchSampler(torch.utils.data.Sampler):
     epoch order from ``seed`` and takes its shard: a contiguous block in chunk mode (so a rank
     reads its own chunks), every ``world_size``-th index otherwise. Like
     ``DistributedSampler``, the order is padded by repeating its start so that every rank gets
-    the same number of samples (``pad=False`` truncates instead). Yields :class:`BatchIndices`.
+    the same number of samples (``pad=False`` truncates instead). Rows in ``exclude`` are never
+    yielded (a ``--holdout`` part of train). Yields :class:`BatchIndices`.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class StoreBatchSampler(torch.utils.data.Sampler):
         drop_last: bool = False,
         window_chunks: int = 4,
         pad: bool = True,
+        exclude: np.ndarray | None = None,
     ) -> None:
         if batch_size < 1:
             raise SpecError(f"batch size must be >= 1, got {batch_size}")
@@ -49,6 +51,10 @@ class StoreBatchSampler(torch.utils.data.Sampler):
         if shuffle not in (True, False, "chunks"):
             raise SpecError(f"shuffle must be True, False or 'chunks', got {shuffle!r}")
         self.num_samples = data if isinstance(data, int) else len(data)
+        self.keep = None  # rows left out of every epoch (``exclude``: e.g. a held-out part of train)
+        if exclude is not None and len(exclude):
+            self.keep = np.ones(self.num_samples, dtype=bool)
+            self.keep[np.asarray(exclude, dtype=np.int64)] = False
         self.bounds = None
         if shuffle == "chunks":
             bounds = getattr(data, "chunk_bounds", None)
@@ -85,6 +91,8 @@ class StoreBatchSampler(torch.utils.data.Sampler):
 
     def _shard(self) -> np.ndarray:
         order = self._order()
+        if self.keep is not None:
+            order = order[self.keep[order]]
         w = self.world_size
         if w == 1:
             return order
@@ -108,7 +116,8 @@ class StoreBatchSampler(torch.utils.data.Sampler):
             yield BatchIndices(shard[start : start + b].tolist(), self.epoch)
 
     def _per_rank(self) -> int:
-        n, w = self.num_samples, self.world_size
+        n = self.num_samples if self.keep is None else int(self.keep.sum())
+        w = self.world_size
         return -(-n // w) if self.pad else n // w
 
     def __len__(self) -> int:

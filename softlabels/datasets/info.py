@@ -29,10 +29,12 @@ class DatasetInfo:
     labels: np.ndarray | None
     preprocessing: dict
     content_sha256: str | None
+    manifest: dict | None = None  # file datasets: identity by content (softlabels.datasets.manifest)
 
     def to_dict(self) -> dict:
         """JSON-serialisable identity, without the labels array (stores keep labels as an array)."""
-        return {
+        extra = {} if self.manifest is None else {"manifest": self.manifest}
+        return {**extra,
             "spec": self.spec,
             "split": self.split,
             "num_samples": int(self.num_samples),

@@ -54,11 +54,13 @@ def _seed(value: int) -> str | None:
     return None if 0 <= value < 2**32 else "must be in 0..2**32-1 (numpy seed range)"
 
 
+MAX_SAMPLES = 2_000_000  # generated in memory: 2M x 40 float32 is 320 MB
+
 SCHEMA = {
-    "num_samples": Param("int", 5000, _multiple_of_10),
+    "num_samples": Param("int", 5000, _multiple_of_10, maximum=MAX_SAMPLES),
     "train_split": Param("float", 0.8, _fraction),
     "seed": Param("int", 42, _seed),
-    "transfer_samples": Param("int", 20000, _multiple_of_10),
+    "transfer_samples": Param("int", 20000, _multiple_of_10, maximum=MAX_SAMPLES),
 }
 
 

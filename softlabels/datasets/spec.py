@@ -16,7 +16,7 @@ from typing import Any
 
 from softlabels.errors import SpecError
 
-__all__ = ["Param", "split_name", "parse_params", "format_params", "split_path_query", "check_split"]
+__all__ = ["Param", "split_name", "parse_params", "format_params", "split_path_query", "check_split", "spec_identity"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Param:
     kind: str
     default: Any
     check: Callable[[Any], str | None] | None = None
+    maximum: float | None = None  # documented upper bound (README "Specs"): no spec may ask for a hang
 
 
 def positive(value: Any) -> str | None:
@@ -81,6 +82,8 @@ def parse_params(dataset: str, text: str, schema: dict[str, Param], *, sep: str 
         seen.add(key)
         values[key] = _convert(dataset, key, schema[key], raw.strip())
     for key, param in schema.items():
+        if param.maximum is not None and isinstance(values[key], (int, float)) and values[key] > param.maximum:
+            raise SpecError(f"{dataset}: {key}={_format_value(values[key])} is above its bound of {param.maximum:,}")
         if param.check is not None and values[key] is not None:
             problem = param.check(values[key])
             if problem:
@@ -116,3 +119,14 @@ def split_path_query(dataset: str, rest: str) -> tuple[str, str]:
 def check_split(dataset: str, split: str, splits: tuple[str, ...]) -> None:
     if split not in splits:
         raise SpecError(f"{dataset} has no split '{split}' (available: {', '.join(splits)})")
+
+
+def spec_identity(spec: str) -> str:
+    """A canonical spec without the local root of a path dataset (``imagefolder:/a/b?size=256`` ->
+    ``imagefolder:?size=256``): the same files at another path are the same data; their content is
+    compared through the dataset's manifest instead."""
+    name, rest = split_name(spec)
+    if rest.startswith(("/", ".", "~")) or (os.sep in rest.split("?", 1)[0]):
+        _, _, query = rest.rpartition("?") if "?" in rest else (rest, "", "")
+        return f"{name}:?{query}"
+    return spec

@@ -48,14 +48,14 @@ _SPLIT_STREAM = {"train": 1, "test": 2, "transfer": 3}
 
 SCHEMA = {
     "tau": Param("float", 0.5, lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]"),
-    "difficulty": Param("int", 2, non_negative),
+    "difficulty": Param("int", 2, non_negative, maximum=1000),
     "seed": Param("int", 0, non_negative),
-    "num_classes": Param("int", 20, lambda v: None if v >= 2 else "must be >= 2"),
-    "superclasses": Param("int", 4, positive),
-    "dim": Param("int", 32, lambda v: None if v >= 2 else "must be >= 2"),
-    "train_samples": Param("int", 20000, positive),
-    "test_samples": Param("int", 5000, positive),
-    "transfer_samples": Param("int", 20000, positive),
+    "num_classes": Param("int", 20, lambda v: None if v >= 2 else "must be >= 2", maximum=100_000),
+    "superclasses": Param("int", 4, positive, maximum=100_000),
+    "dim": Param("int", 32, lambda v: None if v >= 2 else "must be >= 2", maximum=4096),
+    "train_samples": Param("int", 20000, positive, maximum=5_000_000),
+    "test_samples": Param("int", 5000, positive, maximum=5_000_000),
+    "transfer_samples": Param("int", 20000, positive, maximum=5_000_000),
 }
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from softlabels.datasets.info import DatasetInfo
+from softlabels.datasets.manifest import folder_manifest
 from softlabels.datasets.spec import Param, check_split, format_params, parse_params, positive, split_path_query
 from softlabels.errors import SpecError
 
@@ -61,7 +62,7 @@ TORCHVISION = {
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_SPLIT_DIRS = ("train", "val", "test", "transfer")
+SPLIT_DIRS = ("train", "val", "test", "transfer")
 
 
 def _require_root(name: str, root: str) -> None:
@@ -167,6 +168,13 @@ class ImageFiles(torch.utils.data.Dataset):
 
         return F.pil_to_tensor(pil_loader(self.paths[index]))
 
+    def eval_image(self, image: torch.Tensor) -> torch.Tensor:
+        """The evaluation input (this dataset's ``transform``) of a decoded uint8 ``[3, H, W]``
+        image: exactly ``self[i][0]`` for ``image = raw_image(i)``."""
+        from torchvision.transforms.v2 import functional as F
+
+        return self.transform(F.to_pil_image(image))
+
     def image_size(self, index: int) -> tuple[int, int]:
         """(height, width) from the file header, without decoding the pixels."""
         from PIL import Image
@@ -193,16 +201,18 @@ def _image_files(folder: str) -> list[str]:
 
 
 IMAGEFOLDER_SCHEMA = {
-    "size": Param("int", 256, positive),
-    "crop": Param("int", 224, positive),
+    "size": Param("int", 256, positive, maximum=8192),
+    "crop": Param("int", 224, positive, maximum=8192),
     "mean": Param("floats", IMAGENET_MEAN),
     "std": Param("floats", IMAGENET_STD),
-    "num_classes": Param("int", 0, lambda v: None if v >= 0 else "must be >= 0 (0: take it from the class folders)"),
+    "num_classes": Param(
+        "int", 0, lambda v: None if v >= 0 else "must be >= 0 (0: take it from the class folders)", maximum=1_000_000
+    ),
 }
 
 
 def _split_folder(root: str, split: str) -> str:
-    present = [d for d in _SPLIT_DIRS if os.path.isdir(os.path.join(root, d))]
+    present = [d for d in SPLIT_DIRS if os.path.isdir(os.path.join(root, d))]
     if split in present:
         return os.path.join(root, split)
     if present:
@@ -253,6 +263,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
                 "class count from; add ?num_classes=N to the spec"
             )
         dataset, labels = ImageFiles(paths, transform, **raw_kwargs), None
+        manifest = folder_manifest(folder, paths, None, None)
     else:
         try:
             folder_data = datasets.ImageFolder(folder)
@@ -265,6 +276,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
             raise SpecError(
                 f"imagefolder: num_classes={params['num_classes']} but {folder} has {num_classes} class folders"
             )
+        manifest = folder_manifest(folder, dataset.paths, labels.tolist(), folder_data.classes)
     info = DatasetInfo(
         spec=f"{name}:{root}?{format_params(params, sep='&')}",
         split=split,
@@ -274,7 +286,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
         labels=labels,
         preprocessing={
             "name": name,
-            "folder": folder,
+            "folder": os.path.relpath(folder, root),  # the split folder under the root: "train", or "." (no splits)
             "convert": "RGB",
             "resize": params["size"],
             "interpolation": "bilinear",
@@ -283,6 +295,7 @@ def load_imagefolder(rest: str, split: str) -> tuple[torch.utils.data.Dataset, D
             "to_tensor": "uint8 -> [0, 1]",
             "normalize": {"mean": list(params["mean"]), "std": list(params["std"])},
         },
-        content_sha256=None,
+        content_sha256=manifest["content_sha256"],
+        manifest=manifest,
     )
     return dataset, info

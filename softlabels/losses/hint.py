@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -70,6 +71,13 @@ class HintMethod(DistillationMethod):
     """FitNets hints: a :class:`HintRegressor` maps the student's hint layer
     (``student_features``) to the stored teacher feature ``features/<feature>``; MSE loss.
 
+    ``normalize=True`` (default) regresses ``(t - mean) / std`` of the stored feature ``t``, with
+    the mean and std of every stored value of it (``teacher_feature_stats`` = (mean, rms), which the
+    trainer takes from the store's ``summary.features``), so that the
+    default ``hint_weight`` suits any teacher: a torchvision teacher's raw penultimate features
+    can have an RMS above 1,000, which makes a raw MSE 10^6 times larger. ``normalize=False``
+    regresses the raw features.
+
     ``mode="joint"`` (default; RepDistiller/mdistiller): every step
     ``ce_weight * CE + hint_weight * MSE (+ kd_weight * T^2 * KL)`` with defaults
     ce_weight=1, hint_weight=100, kd_weight=0. Single loop, no schedule to get wrong.
@@ -84,7 +92,7 @@ class HintMethod(DistillationMethod):
     """
 
     reads_store = True
-    store_constants = frozenset({"teacher_feature_shape"})
+    store_constants = frozenset({"teacher_feature_shape", "teacher_feature_stats"})
 
     def __init__(
         self,
@@ -96,8 +104,10 @@ class HintMethod(DistillationMethod):
         temperature: float = 4.0,
         hint_epochs: int | None = None,
         feature: str = DEFAULT_FEATURE,
+        normalize: bool = True,
         student_feature_shape: int | Sequence[int] | None = None,
         teacher_feature_shape: int | Sequence[int] | None = None,
+        teacher_feature_stats: Sequence[float] | None = None,
         num_classes: int | None = None,
     ) -> None:
         super().__init__(num_classes=num_classes)
@@ -118,6 +128,16 @@ class HintMethod(DistillationMethod):
             _shape(teacher_feature_shape, "teacher_feature_shape"),
         )
         self.uses_features = True
+        # normalise the stored teacher feature to zero mean, unit variance (one scalar each, from the
+        # store's summary): hint_weight then means the same for any teacher, whatever its feature scale
+        # (the trainer passes the store's figures; without them the raw features are regressed, and
+        # hparams say normalize=False)
+        self.normalize = bool(normalize) and teacher_feature_stats is not None
+        self.feature_shift, self.feature_scale = 0.0, 1.0
+        if self.normalize:
+            mean, rms = (float(v) for v in teacher_feature_stats)
+            self.feature_shift = mean
+            self.feature_scale = max(math.sqrt(max(rms * rms - mean * mean, 0.0)), 1e-6)
         self.stages = ("hint", "kd") if two else ("main",)
         kd_fields = TOPK_FIELDS if self.kd_weight > 0 else frozenset()
         self.needs = frozenset({self.feature_key}) | kd_fields
@@ -129,6 +149,9 @@ class HintMethod(DistillationMethod):
             "temperature": self.temperature,
             "hint_epochs": self.hint_epochs,
             "feature": self.feature_key,
+            "normalize": self.normalize,
+            "feature_mean": self.feature_shift if self.normalize else None,
+            "feature_std": self.feature_scale if self.normalize else None,
         }
         self._kd = KDMethod(temperature=self.temperature, ce_weight=self.ce_weight, kd_weight=self.kd_weight)
 
@@ -170,6 +193,8 @@ class HintMethod(DistillationMethod):
                     f"targets[{self.feature_key!r}] has per-sample shape {tuple(teacher.shape[1:])}, "
                     f"expected {self.regressor.teacher_shape}"
                 )
+            if self.normalize:
+                teacher = (teacher.float() - self.feature_shift) / self.feature_scale
             hint = hint_loss(self.regressor(student_features), teacher)
             total = total + self.hint_weight * hint
             components["hint"] = hint.detach()

@@ -18,7 +18,7 @@ PREPARED_PREFIX = "prepared/"
 
 #: Store-level constants a trainer may pass to *every* :func:`build_method` call; a method
 #: that does not use one ignores it (every other unknown keyword is an error).
-STORE_CONSTANTS = frozenset({"num_classes", "classifier_weight", "teacher_feature_shape"})
+STORE_CONSTANTS = frozenset({"num_classes", "classifier_weight", "teacher_feature_shape", "teacher_feature_stats"})
 
 
 class DistillationMethod(nn.Module):

@@ -36,6 +36,7 @@ class DumpResult:
     rows_per_second: float  # teacher throughput once the workers are up
     startup_seconds: float = 0.0  # Ray start and worker construction
     workers: int = 0
+    summary: dict | None = None  # the store's fidelity figures (FORMAT.md §3)
 
     @property
     def bytes_per_sample(self) -> float:
@@ -83,7 +84,7 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
             f"dataset {info.spec} has labels up to {int(info.labels.max())} but the teacher outputs "
             f"{num_classes} classes; use a teacher trained on this label set"
         )
-    check_k_range(config.k, num_classes)
+    check_k_range(predictor.k, num_classes)
     check_views(config.views, config.augment)
     predictor.policy.check_dataset(predictor.dataset, info)
     augmentation = None
@@ -97,7 +98,7 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
     schema = fmt.StoreSchema(
         num_samples=info.num_samples,
         num_classes=num_classes,
-        k=config.k,
+        k=predictor.k,
         temperatures=tuple(config.temperatures),
         views=config.views,
         labeled=info.labels is not None,
@@ -110,6 +111,7 @@ def plan_store(config: DumpConfig, predictor: TeacherPredictor) -> tuple[fmt.Sto
         teacher=teacher_meta,
         dataset=dataset,
         augmentation=augmentation,
+        codec=None if config.codec == "fp16" else {"name": config.codec},
     )
     return schema, weight, bias
 
@@ -124,14 +126,19 @@ def run_dump(
     on_start: Callable[[int, int, int], None] | None = None,
     on_unit: Callable[[int, int], None] | None = None,
     on_actors: Callable[[list], None] | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> DumpResult:
-    """Run (or resume) a dump. ``on_start(rows_total, rows_pending, units_pending)`` and
-    ``on_unit(unit, rows)`` drive a progress display."""
+    """Run (or resume) a dump. ``on_start(rows_total, rows_pending, units_pending)``,
+    ``on_unit(unit, rows)`` (a unit is written) and ``on_rows(rows)`` (rows through the teacher
+    so far in this run, between units) drive a progress display."""
     from softlabels.pipelines import ray_dump
 
     # Explicit options (CLI + the driver's AWS_* variables) so Ray workers write with the same
     # endpoint and credentials, whatever their own environment holds.
     config = replace(config, storage_options=resolve_storage_options(config.out, config.storage_options))
+    shown = config.out
+    if not is_remote(config.out):  # workers of a joined cluster may run in another directory
+        config = replace(config, out=os.path.abspath(config.out))
     check_output(config.out, resume=resume, overwrite=overwrite, storage_options=config.storage_options)
     check_views(config.views, config.augment)
     t0 = time.perf_counter()
@@ -143,6 +150,7 @@ def run_dump(
         config.out, schema, classifier_weight=weight, classifier_bias=bias, resume=resume, overwrite=overwrite,
         storage_options=config.storage_options,
     )
+    config = replace(config, run_id=writer.run_id)  # workers write only while this run owns the store
     pending = writer.pending_units()
     rows_pending = sum(stop - start for start, stop in map(schema.unit_range, pending))
     if on_start is not None:
@@ -157,15 +165,17 @@ def run_dump(
     timing = {"startup_seconds": 0.0, "work_seconds": 0.0, "workers": 0}
     if pending:
         timing = ray_dump.run_units(
-            config, pending, workers=workers, address=address, on_done=done, on_actors=on_actors, loaded=loaded
+            config, pending, workers=workers, address=address, on_done=done, on_actors=on_actors, loaded=loaded,
+            on_rows=on_rows,
         )
     work_s = timing["work_seconds"]
     rate = rows_pending / work_s if work_s > 0 else 0.0
     if writer.meta.get("status") != "complete":
         writer.finalize({"dump": {"rows_per_second": rate, "workers": timing["workers"]}})
+    summary = writer.meta.get("summary")
     size = writer.bytes_on_disk()
     return DumpResult(
-        location=config.out,
+        location=shown,
         rows=schema.num_samples,
         units_total=schema.num_units,
         units_written=len(pending),
@@ -174,4 +184,5 @@ def run_dump(
         rows_per_second=rate,
         startup_seconds=timing["startup_seconds"],
         workers=int(timing["workers"]),
+        summary=summary,
     )

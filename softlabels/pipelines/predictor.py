@@ -22,6 +22,7 @@ from softlabels.stores.writer import StoreWriter
 from softlabels.targets import summarize_logits
 
 PENULTIMATE = "penultimate"
+DEFAULT_K = 10  # top-k when none is given: min(DEFAULT_K, classes)
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,11 @@ class DumpConfig:
     out: str
     weights: str | None = None
     split: str = "train"
-    k: int = 10
+    k: int | None = None  # None: min(DEFAULT_K, the teacher's class count)
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     feature_layers: tuple[str, ...] = (PENULTIMATE,)
     value_dtype: str = "float16"
+    codec: str = "fp16"  # target codec: "fp16" (value_dtype floats) or "compact" (format 1.2, docs/FORMAT.md §8)
     batch_size: int = 256
     loader_workers: int = 1  # decoding processes per worker (file datasets; in-memory ones slice)
     threads_per_worker: int = 0
@@ -48,10 +50,13 @@ class DumpConfig:
     # fsspec options for a remote ``out`` (endpoint, credentials): travel to the workers with the
     # config because they may not share the driver's environment; never shown nor serialised.
     storage_options: dict[str, Any] | None = field(default=None, repr=False, compare=False, hash=False)
+    # the dump run that owns the store (set by the driver): workers stop if the store changes owner
+    run_id: str | None = field(default=None, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("storage_options")  # may hold credentials
+        d.pop("run_id")
         d["temperatures"] = list(self.temperatures)
         d["feature_layers"] = list(self.feature_layers)
         return d
@@ -192,6 +197,8 @@ class TeacherPredictor:
         self._recorder = FeatureRecorder(self.model, layers)
         self._layers = list(layers)
         self.labeled = self.info.labels is not None
+        self.k = config.k if config.k is not None else min(DEFAULT_K, int(self.teacher.num_classes))
+        self.rows_done = 0  # rows through the teacher so far (progress between units)
         self._writer: StoreWriter | None = None
         self._stream: BatchStream | None = None
         from softlabels.augment import get_policy
@@ -276,7 +283,7 @@ class TeacherPredictor:
             for view in range(self.config.views):
                 logits, feats = self.forward(views(view))
                 lab = None if labels_all is None else labels_all[index - start].to(logits.device)
-                fields = summarize_logits(logits, self.config.k, self.config.temperatures, lab)
+                fields = summarize_logits(logits, self.k, self.config.temperatures, lab)
                 fields.update({fmt.FEATURES_PREFIX + name: f for name, f in feats.items()})
                 for name, t in fields.items():
                     per_view.setdefault(name, []).append(t.cpu().numpy())
@@ -284,6 +291,7 @@ class TeacherPredictor:
                 parts.setdefault(name, []).append(np.stack(views, axis=1))
             for name, arr in params.items():
                 parts.setdefault(name, []).append(arr)
+            self.rows_done += len(index)
         out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         if labels_all is not None:
             out[fmt.LABELS] = labels_all.numpy()
@@ -302,12 +310,13 @@ class TeacherPredictor:
             logits, feats = self.forward(x)
             n = logits.shape[0]
             lab = None if labels_all is None else labels_all[offset : offset + n].to(logits.device)
-            fields = summarize_logits(logits, self.config.k, self.config.temperatures, lab)
+            fields = summarize_logits(logits, self.k, self.config.temperatures, lab)
             for name, t in fields.items():
                 parts.setdefault(name, []).append(t.unsqueeze(1).cpu().numpy())
             for name, f in feats.items():
                 parts.setdefault(fmt.FEATURES_PREFIX + name, []).append(f.unsqueeze(1).cpu().numpy())
             offset += n
+            self.rows_done += n
         out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
         if labels_all is not None:
             out[fmt.LABELS] = labels_all.numpy()
@@ -315,7 +324,9 @@ class TeacherPredictor:
 
     def writer(self) -> StoreWriter:
         if self._writer is None:
-            self._writer = StoreWriter(self.config.out, storage_options=self.config.storage_options)
+            self._writer = StoreWriter(
+                self.config.out, storage_options=self.config.storage_options, run_id=self.config.run_id
+            )
         return self._writer
 
     def write_unit(self, unit: int) -> dict[str, str]:

@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from softlabels.errors import SoftlabelsError
+from softlabels.errors import Interrupted, SoftlabelsError
 from softlabels.pipelines.predictor import DumpConfig, Loaded, TeacherPredictor
+from softlabels.stores.ownership import OwnershipLostError
 
 MAX_RESTARTS = 4
 UNITS_IN_FLIGHT_PER_ACTOR = 2
+POLL_SECONDS = 0.5  # how often the driver asks the workers for rows done between units
 
 
 class DumpWorker:
@@ -46,6 +49,10 @@ class DumpWorker:
 
     async def pid(self) -> int:
         return os.getpid()
+
+    async def rows_done(self) -> int:
+        """Rows this worker has run through the teacher (answered while a unit computes)."""
+        return self.predictor.rows_done
 
     async def write_unit(self, unit: int) -> tuple[int, dict[str, str]]:
         import asyncio
@@ -87,6 +94,27 @@ def _init_ray(address: str | None, workers: int) -> bool:
 
     if ray.is_initialized():
         return False
+    with _keep_signal_handlers():
+        return _start_ray(ray, address, workers)
+
+
+@contextlib.contextmanager
+def _keep_signal_handlers():
+    """ray.init replaces the driver's SIGTERM handler with one that exits abruptly; keep ours, so
+    SIGTERM ends a dump like Ctrl-C: one line, Ray shut down, the store resumable."""
+    import signal
+
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _start_ray(ray, address: str | None, workers: int) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False, configure_logging=True)
     if address:
@@ -111,6 +139,7 @@ def run_units(
     on_done: Callable[[int, dict[str, str]], None],
     on_actors: Callable[[list], None] | None = None,
     loaded: Loaded | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Compute and write ``units`` on Ray actors; call ``on_done(unit, digests)`` in the driver
     exactly once per unit, as each finishes; returns start-up and work seconds. ``loaded`` (dataset + teacher, as the driver loaded
@@ -139,43 +168,89 @@ def run_units(
         ready = time.perf_counter()
         if on_actors is not None:
             on_actors(actors)
-        _schedule(actors, list(units), on_done)
+        _schedule(actors, list(units), on_done, on_rows)
         return {"startup_seconds": ready - t0, "work_seconds": time.perf_counter() - ready, "workers": n}
     finally:
         if started:
             ray.shutdown()
 
 
-def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, str]], None]) -> None:
-    import ray
-
+def _schedule(actors: list, queue: list[int], on_done: Callable[[int, dict[str, str]], None],
+              on_rows: Callable[[int], None] | None = None) -> None:
     queue.reverse()
     in_flight: dict = {}
-    failure: str | None = None
+    state: dict = {"failure": None, "lost": None}
 
     def submit(actor) -> None:
-        if queue and failure is None:
+        if queue and state["failure"] is None and state["lost"] is None:
             unit = queue.pop()
             in_flight[actor.write_unit.remote(unit)] = (unit, actor)
 
     for actor in actors:
         for _ in range(UNITS_IN_FLIGHT_PER_ACTOR):
             submit(actor)
+    with _signals_deferred() as caught:
+        _wait_all(in_flight, caught, submit, on_done, state, actors, on_rows)
+    if state["lost"] is not None:
+        raise OwnershipLostError(str(state["lost"]))
+    if state["failure"]:
+        raise UnitFailed(f"{state['failure']}; completed units are recorded, fix the cause and rerun with --resume")
+
+
+def _wait_all(in_flight: dict, caught: list, submit, on_done, state: dict, actors: list,
+              on_rows: Callable[[int], None] | None) -> None:
+    import ray
+
+    last_poll = time.perf_counter()
     while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        if caught:  # a signal arrived: stop here; recorded units stay recorded (resumable)
+            raise Interrupted(caught[0])
+        # a short timeout: the driver notices a signal while every unit is still computing
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
+        if not ready:
+            if on_rows is not None and time.perf_counter() - last_poll >= POLL_SECONDS:
+                last_poll = time.perf_counter()  # between units: how far the workers are, for progress
+                try:
+                    on_rows(sum(ray.get([a.rows_done.remote() for a in actors], timeout=POLL_SECONDS)))
+                except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                    pass  # a busy or restarting worker: the next poll or the unit's completion reports
+            continue
         unit, actor = in_flight.pop(ready[0])
         try:
             done_unit, digests = ray.get(ready[0])
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
+            if isinstance(cause, OwnershipLostError):
+                state["lost"] = state["lost"] or cause  # another run owns the store: nothing to resume here
+                continue
             message = str(cause) if isinstance(cause, SoftlabelsError) else f"{type(cause).__name__}: {cause}"
-            failure = failure or f"unit {unit} failed: {' '.join(message.split())}"
+            state["failure"] = state["failure"] or f"unit {unit} failed: {' '.join(message.split())}"
             continue
         except ray.exceptions.RayActorError as exc:
-            failure = failure or f"unit {unit} failed: its worker died {MAX_RESTARTS + 1} times ({type(exc).__name__})"
+            state["failure"] = state["failure"] or (
+                f"unit {unit} failed: its worker died {MAX_RESTARTS + 1} times ({type(exc).__name__})"
+            )
             continue
         on_done(done_unit, digests)
         submit(actor)
-    if failure:
-        raise UnitFailed(f"{failure}; completed units are recorded, fix the cause and rerun with --resume")
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """While Ray calls block in C++, a Python handler that raises corrupts the call; record
+    SIGINT/SIGTERM here instead and let the loop raise :class:`Interrupted` between calls."""
+    import signal
+
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 

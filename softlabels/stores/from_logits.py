@@ -33,12 +33,14 @@ def write_store_from_logits(
     overwrite: bool = False,
     augmentation: Mapping[str, Any] | None = None,
     augment_params: Mapping[str, np.ndarray] | None = None,
+    codec: str = "fp16",
 ) -> StoreWriter:
     """Write a complete store. ``logits`` is ``[N, C]`` or ``[N, V, C]``; ``features[name]`` is
     ``[N, D]`` or ``[N, V, D]``; ``labels`` is ``[N]`` (None for a transfer set).
     ``augmentation`` is the ``schema.augmentation`` record (e.g. a
     :meth:`softlabels.augment.Policy.metadata`) and ``augment_params[name]`` its ``[N, V, ...]``
-    parameter arrays (docs/FORMAT.md section 7)."""
+    parameter arrays (docs/FORMAT.md section 7). ``codec``: "fp16" (``value_dtype`` floats) or
+    "compact" (section 8)."""
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
     if z.ndim == 2:
         z = z.unsqueeze(1)
@@ -65,6 +67,7 @@ def write_store_from_logits(
         teacher=dict(teacher or {"spec": "logits"}),
         dataset=ds,
         augmentation=augmentation,
+        codec=None if codec == "fp16" else {"name": codec},
     )
     writer = StoreWriter.create(
         location, schema, classifier_weight=classifier_weight, classifier_bias=classifier_bias, overwrite=overwrite

@@ -36,3 +36,16 @@ def object_keys(schema: fmt.StoreSchema) -> list[str]:
     """All keys of a complete store: metadata first (root ``zarr.json`` leading), then chunks."""
     chunks = [key for spec in schema.all_arrays() for key in array_chunk_keys(spec)]
     return metadata_keys(schema) + chunks
+
+
+def unsafe_key(key: str) -> bool:
+    """True for a key that is not a plain relative path: absolute, empty, with ``.``, ``..`` or
+    empty segments, or with a backslash or NUL. Such a key could point outside a local copy."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        return True
+    return any(part in ("", ".", "..") for part in key.split("/"))
+
+
+def defined_keys(schema: fmt.StoreSchema) -> set[str]:
+    """Every key the format defines for this schema (a complete store holds exactly these)."""
+    return set(object_keys(schema))

@@ -210,6 +210,11 @@ def _raise_missing(location: str, store: Store, storage_options: dict | None) ->
     if location.startswith("s3://"):
         _check_bucket(location, store, storage_options)
     if is_http(location):
+        fs, path = _fs_and_path(store)
+        # fsspec's exists() is False for any failure: ask again, strictly, so that a server
+        # error (HTTP 500, 403, ...) is reported as what it is, not as a missing store
+        with contextlib.suppress(FileNotFoundError):
+            sync(fs._exists(f"{path}/{METADATA_KEY}", strict=True))
         raise StoreNotFoundError(f"no store at {location} (HTTP 404 for {location}/{METADATA_KEY}); check the URL")
     raise StoreNotFoundError(f"no store at {location} (no {METADATA_KEY} there); check the URL")
 
@@ -234,6 +239,11 @@ def remove_location(location: str | os.PathLike, storage_options: dict | None = 
     loc = str(location)
     if not is_remote(loc):
         p = Path(loc)
+        if p.is_symlink():
+            raise SoftlabelsError(
+                f"refusing to remove {loc}: it is a symbolic link (to {os.readlink(p)}); remove the link yourself or "
+                "choose another location"
+            )
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
@@ -252,7 +262,10 @@ def remove_location(location: str | os.PathLike, storage_options: dict | None = 
 def store_keys(store: Store) -> list[str]:
     """Every object key of a store: listed where the backend can list, else (plain HTTP)
     derived from the schema in the store's own metadata."""
-    if isinstance(store, RangeTolerantStore):
+    inner = store
+    while isinstance(inner, WrapperStore) and not isinstance(inner, RangeTolerantStore):
+        inner = inner._store  # e.g. the reader's guard around an HTTP store
+    if isinstance(inner, RangeTolerantStore):
         raw = sync(store.get(METADATA_KEY, default_buffer_prototype()))
         meta = json.loads(raw.to_bytes())["attributes"][fmt.ATTRS_KEY]
         return object_keys(fmt.StoreSchema.from_dict(meta["schema"]))

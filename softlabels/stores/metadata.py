@@ -37,7 +37,22 @@ def read_metadata(group: zarr.Group, location: str, *, check_version: bool = Tru
             f"{location} uses softlabels store format {version}, newer than this reader's "
             f"{fmt.FORMAT_VERSION}; upgrade softlabels (pip install -U softlabels)"
         )
+    needs = meta.get(fmt.MIN_READER_KEY)
+    if check_version and needs is not None and _version(needs) > _version(fmt.FORMAT_VERSION):
+        codec = (meta.get("schema") or {}).get("codec") or {}
+        what = f" (target codec '{codec.get('name')}')" if codec else ""
+        raise UnsupportedFormatError(
+            f"{location} uses softlabels store format {version}{what}, which needs a reader of format {needs} or newer; "
+            f"this reader is {fmt.FORMAT_VERSION}: upgrade softlabels (pip install -U softlabels)"
+        )
     return meta
+
+
+def _version(text: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split("."))
+    except ValueError:
+        return (1 << 30,)  # unreadable: newer than anything this reader knows
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,13 @@ class StoreMetadata:
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any]) -> StoreMetadata:
+        """Typed view; a value of the wrong type raises ``ValueError`` naming the key (the
+        metadata is untrusted: no reader may crash on it later)."""
+        for key, kinds in (("status", str), ("summary", (dict, type(None))), ("format_version", str)):
+            if not isinstance(raw.get(key), kinds):
+                raise ValueError(f"'{key}' has the wrong type ({type(raw.get(key)).__name__})")
+        if raw.get("summary") is not None:
+            _check_summary(raw["summary"])
         return cls(raw=raw, schema=fmt.StoreSchema.from_dict(raw["schema"]))
 
     @property
@@ -72,6 +94,23 @@ class StoreMetadata:
         return dict(self.schema.dataset)
 
 
+def _check_summary(summary: dict[str, Any], where: str = "summary") -> None:
+    number = (int, float)
+    masses = summary.get("topk_mass", {})
+    if not isinstance(masses, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("mean"), number) and isinstance(m.get("min"), number)
+        for m in masses.values()
+    ):
+        raise ValueError(f"'{where}.topk_mass' is not a mapping of {{mean, min}} numbers")
+    for key in ("teacher_top1_accuracy", "label_in_topk"):
+        if not isinstance(summary.get(key), (*number, type(None))):
+            raise ValueError(f"'{where}.{key}' is not a number")
+    if summary.get("view0") is not None:
+        if not isinstance(summary["view0"], dict):
+            raise ValueError(f"'{where}.view0' is not a mapping")
+        _check_summary(summary["view0"], f"{where}.view0")
+
+
 # -- metadata digests ------------------------------------------------------------------
 # Chunks carry crc32c and units carry sha256, but the JSON documents (zarr.json of the group,
 # of every sub-group and array) carry nothing of their own: a flipped byte in a codec setting or
@@ -81,6 +120,7 @@ class StoreMetadata:
 # (e.g. a copy through another Zarr library) and still changes with every value.
 METADATA_DIGEST_KEY = "metadata_sha256"
 METADATA_FILE = "zarr.json"
+STORE_DIGEST_KEY = "store_digest"  # format 1.2, softlabels.stores.digest
 
 
 def canonical_sha256(document: Any) -> str:
@@ -113,8 +153,9 @@ def read_metadata_documents(zstore: Any) -> tuple[dict[str, Any], list[str]]:
 def _root_without_digest(root: Any) -> Any:
     doc = copy.deepcopy(root)
     meta = doc.get("attributes", {}).get(fmt.ATTRS_KEY) if isinstance(doc, dict) else None
-    if isinstance(meta, dict):
+    if isinstance(meta, dict):  # the digests are computed over everything else (FORMAT.md §6)
         meta.pop(METADATA_DIGEST_KEY, None)
+        meta.pop(STORE_DIGEST_KEY, None)
     return doc
 
 

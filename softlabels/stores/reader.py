@@ -19,11 +19,12 @@ import zarr
 
 from softlabels.errors import IncompleteStoreError, NotAStoreError, StoreNotFoundError
 from softlabels.stores import format as fmt
+from softlabels.stores.guard import CompleteStoreGuard, MissingArrayError, read_error
 from softlabels.stores.location import bytes_on_disk, is_remote, location_exists, open_zarr_store
 from softlabels.stores.metadata import StoreMetadata, read_metadata
-from softlabels.targets import temperature_index
 
 DEFAULT_CACHE_BYTES = 1 << 30
+_CODEC_FIELDS = (fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP, fmt.LABEL_LOGIT)
 
 
 def open_store(
@@ -32,11 +33,14 @@ def open_store(
     allow_incomplete: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     storage_options: dict | None = None,
+    zarr_store: Any = None,
 ) -> SoftLabelStore:
     """Open a store read-only. Refuses stores that are still being written unless
-    ``allow_incomplete`` (used by ``info`` and ``verify``)."""
+    ``allow_incomplete`` (used by ``info`` and ``verify``). ``zarr_store``: read through this
+    zarr store instead of opening ``location`` (a staging copy being verified)."""
     return SoftLabelStore(
-        location, allow_incomplete=allow_incomplete, cache_bytes=cache_bytes, storage_options=storage_options
+        location, allow_incomplete=allow_incomplete, cache_bytes=cache_bytes, storage_options=storage_options,
+        zarr_store=zarr_store,
     )
 
 
@@ -60,18 +64,19 @@ class SoftLabelStore:
         allow_incomplete: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         storage_options: dict | None = None,
+        zarr_store: Any = None,
     ) -> None:
         self.location = str(location)
         self.allow_incomplete = allow_incomplete
         self.cache_bytes = int(cache_bytes)
         self.storage_options = storage_options
-        self._open()
+        self._open(zarr_store)
 
-    def _open(self) -> None:
+    def _open(self, given: Any = None) -> None:
         loc = self.location
-        if not is_remote(loc) and not os.path.exists(loc):
+        if given is None and not is_remote(loc) and not os.path.exists(loc):
             raise StoreNotFoundError(f"store {loc} does not exist; check the path (or run `softlabels dump` first)")
-        store = open_zarr_store(loc, read_only=True, storage_options=self.storage_options)
+        store = given or open_zarr_store(loc, read_only=True, storage_options=self.storage_options)
         try:
             group = zarr.open_group(store, mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -85,23 +90,29 @@ class SoftLabelStore:
             raise NotAStoreError(
                 f"{loc}: its zarr.json is damaged ({' '.join(str(exc).split())[:200]}); run `softlabels verify {loc}`"
             ) from None
-        self._zstore = store
-        self._group = group
         raw = read_metadata(group, loc)
         try:
             self.meta = StoreMetadata.from_raw(raw)
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise NotAStoreError(
                 f"{loc}: the softlabels metadata in its zarr.json is damaged ({type(exc).__name__}: {exc}); "
                 f"run `softlabels verify {loc}`"
             ) from None
         if not self.allow_incomplete:
             self.check_complete()
+        if self.meta.status == "complete":
+            store = CompleteStoreGuard(store)
+            store.arrays = tuple(spec.name for spec in self.schema.all_arrays())
+            store.location, store.rows_per_shard = loc, self.schema.rows_per_shard
+            group = zarr.open_group(store, mode="r", zarr_format=3)
+        self._zstore = store
+        self._group = group
         self._arrays: dict[str, zarr.Array] = {}
         self._memory: dict[str, np.ndarray] = {}
         self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cache_used = 0
         self._lazy: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._codec = self.schema.compact  # None for fp16 stores
 
     def check_complete(self) -> None:
         """Refuse a store whose dump has not finished (the one "store is incomplete" check)."""
@@ -167,8 +178,14 @@ class SoftLabelStore:
             try:
                 self._arrays[name] = self._group[name]
             except KeyError:
-                available = ", ".join(s.name for s in self.schema.all_arrays())
-                raise KeyError(f"store has no array {name!r}; it has: {available}") from None
+                names = [s.name for s in self.schema.all_arrays()]
+                if name not in names:
+                    raise KeyError(f"the store format has no array {name!r}; a store has: {', '.join(names)}") from None
+                if self.meta.status != "complete":
+                    why = f"it is still being created (status '{self.meta.status}')"
+                else:
+                    why = f"the store is damaged; run `softlabels verify {self.location}`"
+                raise MissingArrayError(f"{self.location} has no array {name!r} yet: {why}") from None
         return self._arrays[name]
 
     def completed_units(self) -> np.ndarray:
@@ -186,15 +203,35 @@ class SoftLabelStore:
         return weight, bias
 
     # -- bulk ----------------------------------------------------------------------
+    def _default_fields(self) -> list[str]:
+        return [s.name for s in self.schema.fields() if not s.name.startswith(fmt.FEATURES_PREFIX)]
+
+    def _decoded(self, name: str) -> bool:
+        """Whether ``name`` is a field the compact codec decodes (not a stored array)."""
+        return self.schema.codec is not None and name in _CODEC_FIELDS
+
+    def load(self, name: str) -> np.ndarray:
+        """A whole per-sample field as readers see it (decoded for compact stores)."""
+        memory = self._memory.get(name)
+        if memory is not None:
+            return memory.copy()
+        if not self._decoded(name):
+            return self._read(name, 0, self.num_samples)
+        codec, schema = self._codec, self.schema
+        parts = []
+        for unit in range(schema.num_units):  # bounded memory: one unit's coded rows at a time
+            start, stop = schema.unit_range(unit)
+            raw = {a: self._read(a, start, stop) for a in codec.needs([name])}
+            parts.append(codec.decode(raw, [name])[name])
+        return np.concatenate(parts)
+
     def preload(self, fields: Iterable[str] | None = None) -> SoftLabelStore:
-        """Hold whole per-sample arrays in memory (bulk-read, millions of rows/s). Defaults to
-        every per-sample array except features."""
-        names = list(fields) if fields is not None else [
-            s.name for s in self.schema.per_sample_arrays() if not s.name.startswith(fmt.FEATURES_PREFIX)
-        ]
+        """Hold whole per-sample fields in memory (bulk-read, millions of rows/s; decoded once
+        for compact stores). Defaults to every per-sample field except features."""
+        names = list(fields) if fields is not None else self._default_fields()
         for name in names:
             if name not in self._memory:
-                self._memory[name] = _frozen(self.array(name)[...])
+                self._memory[name] = _frozen(self.load(name))
         return self
 
     def _chunk(self, name: str, chunk: int) -> np.ndarray:
@@ -204,7 +241,7 @@ class SoftLabelStore:
             self._cache.move_to_end(key)
             return block
         rows = self.schema.rows_per_chunk
-        block = _frozen(self.array(name)[chunk * rows : (chunk + 1) * rows])
+        block = _frozen(self._read(name, chunk * rows, (chunk + 1) * rows))
         self._cache[key] = block
         self._cache_used += block.nbytes
         while self._cache_used > self.cache_bytes and len(self._cache) > 1:
@@ -227,6 +264,16 @@ class SoftLabelStore:
             self._lazy[name] = entry
         return entry
 
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a per-sample array; damage is one line naming the array."""
+        try:
+            return self.array(name)[start:stop]
+        except KeyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise many types for bad bytes
+            stop = min(stop, self.num_samples)
+            raise read_error(self.location, name, f"{start}..{stop - 1}", exc) from None
+
     def gather(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows ``indices`` (any order, repeats allowed) of one per-sample array."""
         return self._gather(name, self._check_indices(indices))
@@ -244,6 +291,8 @@ class SoftLabelStore:
         memory = self._memory.get(name)
         if memory is not None:
             return memory[idx]
+        if self._decoded(name):
+            return self._gather_decoded([name], idx)[name]
         rows = self.schema.rows_per_chunk
         dense = self._dense(name)
         if dense is not None:
@@ -251,7 +300,7 @@ class SoftLabelStore:
             chunks = np.unique(idx // rows)
             for chunk in chunks[~loaded[chunks]]:
                 c = int(chunk)
-                buf[c * rows : (c + 1) * rows] = self.array(name)[c * rows : (c + 1) * rows]
+                buf[c * rows : (c + 1) * rows] = self._read(name, c * rows, (c + 1) * rows)
                 loaded[c] = True
             return buf[idx]
         arr = self.array(name)
@@ -267,6 +316,30 @@ class SoftLabelStore:
             out[group] = block[idx[group] - chunk * rows]
         return out
 
+    def _gather_decoded(self, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Compact fields. Like :meth:`_dense`: when the decoded fields fit a quarter of the
+        cache, each chunk is decoded once into full-size buffers and a batch is a row gather;
+        otherwise the batch's coded rows (cached like any array) are decoded together."""
+        codec, rows = self._codec, self.schema.rows_per_chunk
+        specs = {s.name: s for s in self.schema.fields()}
+        nbytes = sum(int(np.prod(specs[n].shape)) * np.dtype(specs[n].dtype).itemsize for n in _CODEC_FIELDS if n in specs)
+        if nbytes * 4 > self.cache_bytes:
+            raw = {a: self._gather(a, idx) for a in codec.needs(names)}
+            return codec.decode(raw, names)
+        n_chunks = -(-self.num_samples // rows)
+        for name in names:
+            if name not in self._lazy:
+                self._lazy[name] = (np.empty(specs[name].shape, specs[name].dtype), np.zeros(n_chunks, dtype=bool))
+        chunks = np.unique(idx // rows)
+        todo = chunks[~np.logical_and.reduce([self._lazy[n][1][chunks] for n in names])]
+        for chunk in todo:
+            lo, hi = int(chunk) * rows, min((int(chunk) + 1) * rows, self.num_samples)
+            raw = {a: self.array(a)[lo:hi] for a in codec.needs(names)}
+            for name, block in codec.decode(raw, names).items():
+                self._lazy[name][0][lo:hi] = block
+                self._lazy[name][1][chunk] = True
+        return {name: self._lazy[name][0][idx] for name in names}
+
     def read(
         self,
         indices: Sequence[int] | np.ndarray,
@@ -281,12 +354,14 @@ class SoftLabelStore:
         the view axis (``[B, V, ...]``); an int or a per-row int array selects one view per row
         (``[B, ...]``). ``temperature`` selects that column of ``logsumexp`` (``[B(, V)]``).
         """
-        names = list(fields) if fields is not None else [
-            s.name for s in self.schema.per_sample_arrays() if not s.name.startswith(fmt.FEATURES_PREFIX)
-        ]
+        names = list(fields) if fields is not None else self._default_fields()
         idx = self._check_indices(indices)
         out: dict[str, np.ndarray] = {}
-        t_col = temperature_index(self.temperatures, temperature) if temperature is not None else None
+        t_col = None
+        if temperature is not None:
+            from softlabels.targets import temperature_index  # torch: not needed by info/verify/copy
+
+            t_col = temperature_index(self.temperatures, temperature)
         rows = None
         if view is not None:
             views = np.asarray(view, dtype=np.int64)
@@ -297,8 +372,10 @@ class SoftLabelStore:
                 rows = np.arange(idx.size)
             else:
                 views = int(views)
+        coded = [n for n in names if self._decoded(n) and n not in self._memory]
+        decoded = self._gather_decoded(coded, idx) if coded else {}
         for name in names:
-            data = self._gather(name, idx)
+            data = decoded[name] if name in decoded else self._gather(name, idx)
             if view is not None and name != fmt.LABELS:
                 data = data[:, views] if rows is None else data[rows, views]
             if name == fmt.LOGSUMEXP and t_col is not None:

@@ -10,7 +10,11 @@ Four independent layers, so that every kind of damage is named by the file it is
    the crc32c codec inside each shard rejects flipped bytes, the shard index's own crc32c
    rejects truncation; each ``units/*`` chunk is read on its own so the damaged one is named;
 4. units: every completed unit's arrays re-hash to the sha256 recorded at write time, which also
-   catches data that decodes but is not what was written (e.g. a deleted shard read as fill).
+   catches data that decodes but is not what was written (e.g. a deleted shard read as fill);
+5. semantics: indices in 0..C-1 and unique per row, finite log-probabilities <= 0, finite
+   normalisers no smaller than the values they normalise, finite features (stores.semantic);
+6. store digest: the digest of the content equals the one recorded at finalize (stores.digest);
+7. no object the format does not define, no unsafe key, no symbolic link.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from zarr.core.sync import sync
 
 from softlabels.errors import InvalidTargetsError, NotAStoreError, UnsupportedFormatError
 from softlabels.stores import format as fmt
-from softlabels.stores.location import open_zarr_store
-from softlabels.stores.metadata import check_metadata_documents
+from softlabels.stores.integrity import check_unit, computed_digest, shard_key, why
+from softlabels.stores.keys import defined_keys, unsafe_key
+from softlabels.stores.location import is_http, is_remote, open_zarr_store, store_keys
+from softlabels.stores.metadata import STORE_DIGEST_KEY, check_metadata_documents
 from softlabels.stores.reader import SoftLabelStore, open_store
-from softlabels.stores.writer import unit_digest
+from softlabels.stores.semantic import SemanticReport, unit_violations
+from softlabels.stores.staging import local_symlinks
 
 
 @dataclass
@@ -35,30 +42,35 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     chunks_checked: int = 0
     units_checked: int = 0
+    digest: str | None = None  # the store digest of the content as verified (None if unit records are damaged)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def _shard_key(name: str, spec: fmt.ArraySpec, index: int) -> str:
-    return f"{name}/c/" + "/".join([str(index)] + ["0"] * (len(spec.shape) - 1))
-
-
-def verify_store(location: str | os.PathLike, *, storage_options: dict | None = None) -> VerifyReport:
-    """Re-read every metadata document and chunk of the store; check checksums and digests."""
+def verify_store(
+    location: str | os.PathLike,
+    *,
+    storage_options: dict | None = None,
+    expect_digest: str | None = None,
+    zarr_store=None,
+) -> VerifyReport:
+    """Re-read every metadata document and chunk of the store; check checksums and digests.
+    ``expect_digest`` (``sha256:...``) must equal the digest of the content (--expect-digest);
+    ``zarr_store`` reads the store through that zarr store (a staging copy, stores.copy)."""
     report = VerifyReport(location=str(location))
     problems = report.problems
     try:
-        store = open_store(location, allow_incomplete=True, storage_options=storage_options)
+        store = open_store(location, allow_incomplete=True, storage_options=storage_options, zarr_store=zarr_store)
     except (NotAStoreError, UnsupportedFormatError, InvalidTargetsError) as exc:
         # Damaged root metadata can make the store unopenable: name the damaged file if we can.
-        zstore = open_zarr_store(location, read_only=True, storage_options=storage_options)
+        zstore = zarr_store or open_zarr_store(location, read_only=True, storage_options=storage_options)
         problems += check_metadata_documents(zstore)
         if not problems:
             raise
-        why = str(exc).split("; run `softlabels verify")[0]
-        problems.append(f"metadata zarr.json: the store cannot be opened ({why})")
+        reason = str(exc).split("; run `softlabels verify")[0]
+        problems.append(f"metadata zarr.json: the store cannot be opened ({reason})")
         return report
     problems += check_metadata_documents(store._zstore)
     schema = store.schema
@@ -73,7 +85,7 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
             problems.append(f"array {spec.name}: missing")
             continue
         except Exception as exc:  # noqa: BLE001 - its zarr.json is damaged (also named by layer 1)
-            problems.append(f"array {spec.name}: metadata {spec.name}/zarr.json unreadable ({_why(exc)})")
+            problems.append(f"array {spec.name}: metadata {spec.name}/zarr.json unreadable ({why(exc)})")
             continue
         if tuple(arr.shape) != spec.shape or str(arr.dtype) != spec.dtype:
             problems.append(
@@ -98,43 +110,90 @@ def verify_store(location: str | os.PathLike, *, storage_options: dict | None = 
         if spec.name not in present or spec.name.startswith("units/"):
             continue
         report.chunks_checked += 1
-        if not sync(zstore.exists(_shard_key(spec.name, spec, 0))):
-            problems.append(f"chunk {_shard_key(spec.name, spec, 0)}: missing")
+        if not sync(zstore.exists(shard_key(spec.name, spec, 0))):
+            problems.append(f"chunk {shard_key(spec.name, spec, 0)}: missing")
             continue
         try:
             store.array(spec.name)[...]
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"chunk {_shard_key(spec.name, spec, 0)}: {_why(exc)}")
+            problems.append(f"chunk {shard_key(spec.name, spec, 0)}: {why(exc)}")
 
-    per_sample = [s for s in schema.per_sample_arrays() if s.name in present]
-    order = [s.name for s in schema.per_sample_arrays()]
-    for unit in range(schema.num_units):
-        start, stop = schema.unit_range(unit)
-        unit_bad = False
-        for spec in per_sample:
-            key = _shard_key(spec.name, spec, unit)
+    if fmt.UNITS_CODEC_FIDELITY in present:  # the compact codec's per-unit record: one chunk per unit
+        spec = present[fmt.UNITS_CODEC_FIDELITY]
+        for unit in np.flatnonzero(complete):
+            key = shard_key(spec.name, spec, int(unit))
             report.chunks_checked += 1
-            if complete[unit] and not sync(zstore.exists(key)):
-                problems.append(f"chunk {key}: missing (unit {unit}, rows {start}..{stop - 1})")
-                unit_bad = True
+            if not sync(zstore.exists(key)):
+                problems.append(f"chunk {key}: missing (unit {unit})")
                 continue
             try:
-                data = store.array(spec.name)[start:stop]
+                store.array(spec.name)[int(unit)]
             except Exception as exc:  # noqa: BLE001
-                problems.append(f"chunk {key}: {_why(exc)} (unit {unit}, rows {start}..{stop - 1})")
-                unit_bad = True
-                continue
-            if complete[unit] and digests[unit] is not None:
-                want = bytes(digests[unit][order.index(spec.name)])
-                if unit_digest(data) != want:
-                    problems.append(
-                        f"chunk {key}: content differs from the sha256 recorded at write time "
-                        f"(unit {unit}, rows {start}..{stop - 1})"
-                    )
-                    unit_bad = True
-        if complete[unit] and not unit_bad:
+                problems.append(f"chunk {key}: {why(exc)} (unit {unit})")
+
+    per_sample = [s for s in schema.per_sample_arrays() if s.name in present]
+    semantic = SemanticReport()
+    for unit in range(schema.num_units):
+        found, arrays, checked = check_unit(store, unit, per_sample, bool(complete[unit]), digests[unit])
+        problems += found
+        report.chunks_checked += checked
+        if complete[unit] and not found:
             report.units_checked += 1
+            semantic.add(unit, unit_violations(schema, arrays))
+    problems += semantic.problems(schema)  # layer 5: values that no teacher can have produced
+    if fmt.UNITS_SHA256 in present and all(d is not None for d in digests):
+        report.digest, _ = computed_digest(store, np.stack(digests))
+    problems += _digest_problems(store, report.digest)
+    problems += _undefined_objects(store)
+    if expect_digest is not None and report.digest != expect_digest:
+        problems.append(f"store digest: {report.digest or 'unknown (unit records damaged)'}, not the expected "
+                        f"{expect_digest} (--expect-digest)")
     return report
+
+
+def _digest_problems(store: SoftLabelStore, actual: str | None) -> list[str]:
+    """Layer 6: the store digest recorded at finalize equals the one of the content as it is."""
+    recorded = store.meta.raw.get(STORE_DIGEST_KEY)
+    if store.meta.status != "complete":
+        return []
+    if recorded is None:
+        if _version_at_least(store.meta.format_version, (1, 2)):
+            return [f"metadata zarr.json: a complete format-{store.meta.format_version} store must record "
+                    f"'{STORE_DIGEST_KEY}' but has none"]
+        return []
+    if actual is None:
+        return []  # the unit records are damaged, and named already
+    if actual != recorded:
+        return [f"store digest: the content's digest is {actual}, zarr.json records {recorded}: units or metadata "
+                "were swapped or edited after finalize"]
+    return []
+
+
+def _undefined_objects(store: SoftLabelStore) -> list[str]:
+    """Layer 7: objects the format does not define (a listable store holds exactly the defined
+    keys), unsafe keys, and -- on local disk -- symbolic links, which a store never contains."""
+    loc = store.location
+    if is_http(loc):
+        return []  # nothing can be listed over plain HTTP; every defined key was read above
+    problems = []
+    if not is_remote(loc):
+        for link in local_symlinks(loc):
+            problems.append(f"object {link}: a symbolic link; a store holds only plain files")
+    defined = defined_keys(store.schema)
+    newer = fmt.newer_minor(store.meta.format_version)  # may define objects this reader does not know
+    for key in store_keys(store._zstore):
+        if unsafe_key(key):
+            problems.append(f"object {key!r}: not a plain relative key (absolute, '.', '..' or empty segments)")
+        elif key not in defined and not newer:
+            problems.append(f"object {key}: not defined by the format for this schema")
+    return problems
+
+
+def _version_at_least(version: str, want: tuple[int, int]) -> bool:
+    try:
+        return tuple(int(x) for x in version.split(".")[:2]) >= want
+    except ValueError:
+        return True
 
 
 def _unit_records(
@@ -155,7 +214,7 @@ def _unit_records(
             continue
         spec = present[name]
         for unit in range(schema.num_units):
-            key = _shard_key(name, spec, unit)
+            key = shard_key(name, spec, unit)
             if not sync(zstore.exists(key)):
                 if finished or (name == fmt.UNITS_SHA256 and complete[unit]):
                     problems.append(f"chunk {key}: missing (unit {unit})")
@@ -164,7 +223,7 @@ def _unit_records(
             try:
                 value = store.array(name)[unit]
             except Exception as exc:  # noqa: BLE001 - any decode failure is a finding
-                problems.append(f"chunk {key}: {_why(exc)} (unit {unit})")
+                problems.append(f"chunk {key}: {why(exc)} (unit {unit})")
                 complete[unit] |= finished
                 continue
             if name == fmt.UNITS_COMPLETE:
@@ -172,13 +231,6 @@ def _unit_records(
             else:
                 digests[unit] = np.asarray(value)
     return complete, digests
-
-
-def _why(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "checksum" in text.lower() or "crc" in text.lower():
-        return f"checksum mismatch ({text})"
-    return f"unreadable ({type(exc).__name__}: {text})"
 
 
 def _list(units: np.ndarray, limit: int = 10) -> str:
