@@ -109,20 +109,19 @@ class TeacherTarget:
     (int64) and, when ``k < C``, ``fill [B, 1]`` -- the probability of *each* of the other
     ``C - k`` classes -- with ``log_fill``. Top-k and KD-pt targets come in this form, so neither
     a dense ``[B, C]`` target nor its log is built in the loss. *Dense* (``index`` None):
-    ``probs [B, C]``, ``log_probs`` optional (then computed by the loss).
-    ``normalised``: rows sum to 1 by construction (up to rounding), so the gradient may use
-    ``q - p`` instead of ``q * sum(p) - p``. Never requires grad.
+    ``probs [B, C]``, ``log_probs`` optional (then computed by the loss); only a dense target a
+    method builds itself may require grad (a learnable target).
 
     Built by :meth:`topk` / :meth:`ground_truth` (the maths of the KD targets, once);
     :meth:`dense` gives the ``[B, C]`` reference, :meth:`loss_ready` the form that
     :meth:`~softlabels.losses.DistillationMethod.prepare_rows` delivers.
     """
 
-    __slots__ = ("probs", "log_probs", "index", "fill", "log_fill", "normalised")
+    __slots__ = ("probs", "log_probs", "index", "fill", "log_fill")
 
-    def __init__(self, probs, log_probs=None, index=None, fill=None, log_fill=None, normalised=False) -> None:
+    def __init__(self, probs, log_probs=None, index=None, fill=None, log_fill=None) -> None:
         self.probs, self.log_probs, self.index = probs, log_probs, index
-        self.fill, self.log_fill, self.normalised = fill, log_fill, normalised
+        self.fill, self.log_fill = fill, log_fill
 
     @classmethod
     def topk(cls, values, indices, lse, temperature: float, num_classes: int) -> TeacherTarget:
@@ -135,13 +134,13 @@ class TeacherTarget:
             v = values.float()
             dense = v.new_full((*v.shape[:-1], num_classes), -math.inf).scatter_(-1, indices.long(), v)
             log_probs = torch.log_softmax(dense / temperature if temperature != 1.0 else dense, dim=-1)
-            return cls(log_probs.exp(), log_probs, normalised=True)
+            return cls(log_probs.exp(), log_probs)
         log_probs = topk_log_probs(values, lse, temperature)
         probs = log_probs.exp()
         total = probs.sum(-1, keepdim=True)
         norm = total.clamp(min=1.0)  # fp16 rounding can push the top-k sum past 1
         fill = (1.0 - total).clamp(min=0.0) / (num_classes - k)
-        return cls(probs / norm, log_probs - norm.log(), indices.long(), fill, fill.log(), normalised=True)
+        return cls(probs / norm, log_probs - norm.log(), indices.long(), fill, fill.log())
 
     @classmethod
     def ground_truth(cls, label_logit, lse, labels, temperature: float, num_classes: int) -> TeacherTarget:
@@ -151,7 +150,7 @@ class TeacherTarget:
         p_y = log_p_y.exp().clamp(max=1.0)
         fill = ((1.0 - p_y) / max(num_classes - 1, 1)).unsqueeze(-1)
         return cls(p_y.unsqueeze(-1), log_p_y.clamp(max=0.0).unsqueeze(-1), labels.long().unsqueeze(-1),
-                   fill, fill.log(), normalised=True)
+                   fill, fill.log())
 
     def dense(self, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``[B, C]`` distribution (one scatter for the sparse form)."""
@@ -176,7 +175,7 @@ class TeacherTarget:
             p = _scatter_rows(p, index, fill, num_classes, dtype)
             logp = _scatter_rows(logp, index, log_fill, num_classes, dtype)
             index = fill = log_fill = None
-        return TeacherTarget(p, logp, index, fill, log_fill, normalised=self.normalised)
+        return TeacherTarget(p, logp, index, fill, log_fill)
 
     def fields(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors as prepared fields ``prefix + probs|log_probs|index|fill|log_fill``."""
@@ -185,10 +184,10 @@ class TeacherTarget:
 
     @classmethod
     def from_fields(cls, targets: Mapping[str, torch.Tensor], prefix: str) -> TeacherTarget:
-        """The inverse of :meth:`fields` (prepared targets are normalised distributions)."""
+        """The inverse of :meth:`fields`."""
         get = targets.get
         return cls(targets[prefix + "probs"], targets[prefix + "log_probs"], get(prefix + "index"),
-                   get(prefix + "fill"), get(prefix + "log_fill"), normalised=True)
+                   get(prefix + "fill"), get(prefix + "log_fill"))
 
 
 def _scatter_rows(values, index, fill, num_classes, dtype) -> torch.Tensor:

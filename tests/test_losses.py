@@ -615,7 +615,7 @@ def test_call_errors_are_clear():
 
 
 # ---------------------------------------------------------------------------------------
-# Hot path: the fused KD node and the sparse targets give the numbers of the plain graph
+# Hot path: the KD loss on prepared/sparse targets gives the numbers of the plain graph
 # ---------------------------------------------------------------------------------------
 def graph_kd(method, zs, y, targets):
     """Total, components and gradient of a KD-family method the slow way: its public
@@ -708,7 +708,7 @@ def test_sparse_targets_are_the_targets_module_distributions():
                        ground_truth_distribution(t["label_logit"], t["logsumexp"], y, 2.0, 10))
 
 
-def test_fused_kd_zero_probs_inf_logits_and_nan():
+def test_kd_zero_probs_inf_logits_and_nan():
     """0 log 0 = 0 where the student's log-probability is -inf (the masked sum is then taken),
     gradients finite; a NaN student logit is not hidden."""
     zs = torch.tensor([[5.0, -1e4, 0.0, -math.inf], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
@@ -724,7 +724,7 @@ def test_fused_kd_zero_probs_inf_logits_and_nan():
     assert torch.isnan(kd_loss(nan, p, None).total)
 
 
-def test_fused_kd_unnormalised_dense_target_gradient():
+def test_kd_unnormalised_dense_target_gradient():
     """kd_loss differentiates the formula it evaluates, also for a target that does not sum to 1."""
     g = torch.Generator().manual_seed(15)
     zs = torch.randn(6, 7, generator=g, dtype=torch.float64, requires_grad=True)
@@ -737,8 +737,8 @@ def test_fused_kd_unnormalised_dense_target_gradient():
 
 
 @pytest.mark.parametrize("name", ["kd", "kd-pt", "kd-sim"])
-def test_fused_kd_double_backward(name):
-    """create_graph=True differentiates the plain graph: Hessian-vector products are exact."""
+def test_kd_double_backward(name):
+    """create_graph=True: Hessian-vector products are exact."""
     case = make_case(name, 6, 10, 16)
     m, y, t = case["method"], case["y"], case["targets"]
     zs = case["zs"].detach().double().requires_grad_(True)
@@ -945,10 +945,9 @@ def test_prepared_rows_errors_and_declines():
 
 
 @pytest.mark.parametrize("T", [1.0, 4.0])
-def test_fused_kd_gradient_scaled_and_retained_graph(T):
-    """The gradient computed in the forward is handed over once: an incoming gradient != 1
-    scales it, and a second backward through a retained graph (autograd may have accumulated
-    into the first one) is still exact."""
+def test_kd_gradient_scaled_and_retained_graph(T):
+    """An incoming gradient != 1 scales the gradient, and a second backward through a retained
+    graph (accumulating into the first one) is still exact."""
     case = make_case("kd-topk", 8, 10, 25, k=4, temperature=T)
     m, y, t = case["method"], case["y"], case["targets"]
     _, _, ref_grad = graph_kd(m, case["zs"], y, t)

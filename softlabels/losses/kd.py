@@ -10,7 +10,7 @@ import torch
 from softlabels.errors import InvalidTargetsError
 from softlabels.fields import LOGSUMEXP, TOPK_FIELDS, TOPK_VALUES
 from softlabels.losses.functional import LossOutput, _check_probs, _nonnegative_if_cheap
-from softlabels.losses.kd_loss import _fused_kd, kd_loss
+from softlabels.losses.kd_loss import kd_output
 from softlabels.losses.method import PREPARED_PREFIX, DistillationMethod, _non_negative, _positive
 from softlabels.losses.registry import register_method
 from softlabels.targets import TeacherTarget, stored_topk_fields
@@ -120,16 +120,13 @@ class _KDMethod(DistillationMethod):
                 )
         elif self._use_fast_target:
             target = self.target(labels, targets, num_classes)
-        else:
+        else:  # a subclass's own dense target (a learnable one gets gradients)
             probs = self.teacher_distribution(labels, targets, num_classes)
-            if probs.requires_grad:  # a learnable target: keep the plain graph so it gets gradients
-                return kd_loss(student_logits, probs, labels, temperature=self.temperature,
-                               ce_weight=self.ce_weight, kd_weight=self.kd_weight)
             _check_probs(student_logits, probs)
             target = TeacherTarget(probs=probs)
         if all_labelled is None and labels is not None:
             all_labelled = _nonnegative_if_cheap(labels)
-        return _fused_kd(student_logits, labels, target, self.temperature, self.ce_weight, self.kd_weight, all_labelled)
+        return kd_output(student_logits, labels, target, self.temperature, self.ce_weight, self.kd_weight, all_labelled)
 
 
 @register_method("kd")

@@ -64,7 +64,7 @@ class KDSimilarityMethod(_SimMethod):
                 f"the similarity table has {self.sim_table.shape[-1]} classes, the student {num_classes}"
             )
         y = labels.long().to(self.sim_table.device)
-        return TeacherTarget(self.sim_table[y], self.sim_log_table[y], normalised=True)
+        return TeacherTarget(self.sim_table[y], self.sim_log_table[y])
 
 
 @register_method("kd-pt+sim")
@@ -78,4 +78,4 @@ class KDGroundTruthSimilarityMethod(_SimMethod):
     def target(self, labels, targets, num_classes):
         # dense: the average of two distributions is one (its log is taken in the loss)
         pt = ground_truth_distribution(targets[LABEL_LOGIT], targets[LOGSUMEXP], labels, self.temperature, num_classes)
-        return TeacherTarget(0.5 * (pt + self._sim(labels).to(pt.device)), normalised=True)
+        return TeacherTarget(0.5 * (pt + self._sim(labels).to(pt.device)))
