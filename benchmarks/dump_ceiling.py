@@ -34,6 +34,7 @@ processes' CPU time during the Ray dump is read from ``/proc`` and compared with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -141,12 +142,14 @@ def ray_dump(out: str, rows: int, features: bool, rows_per_unit: int, workers: i
 
     def on_unit(unit: int, n: int) -> None:
         marks.append((time.perf_counter(), n))
+        with contextlib.suppress(FileNotFoundError):  # the workers are gone once the dump ends (Ray shut down)
+            cpu["workers_last"] = sum(map(_proc_cpu, pids))
 
     load = _load()
     result = run_dump(config_for(out, rows, features, rows_per_unit), workers=workers, on_unit=on_unit,
                       on_actors=on_actors)
     driver_cpu = time.process_time() - cpu["driver"]  # includes finalize (summary over the store)
-    worker_cpu = sum(map(_proc_cpu, pids)) - cpu["workers"]
+    worker_cpu = cpu["workers_last"] - cpu["workers"]  # read at the last unit, while the workers still run
     first = marks[workers - 1][0]
     steady = sum(n for _, n in marks[workers:]) / (marks[-1][0] - first)
     return {"per_worker": steady / workers, "load": load, "worker_us_per_row": worker_cpu / rows * 1e6,
