@@ -17,9 +17,7 @@ Steps (each printed as the ``softlabels`` command a user would type):
    KD-sim, KD-pt+sim, KD-topk k = 1, 3, 25, at T = 4 with CE 0.1 / KD 0.9, and a horizontal flip
    as student augmentation. Recipe: RepDistiller's CIFAR-100 one (240 epochs, batch 64, SGD
    momentum 0.9, lr 0.05, weight decay 5e-4; cosine instead of its step decay at 150/180/210),
-   passed as ``--optimizer sgd --momentum --weight-decay --schedule cosine`` when ``softlabels
-   train`` has those flags (issue 13); otherwise the trainer's Adam + cosine at ``--adam-lr`` and
-   the run says so. Paper's numbers (Tang et al., CIFAR-100 table; BRIEF section 2): teacher 75.68, student 72.51, LS 73.87,
+   passed as ``--optimizer sgd --momentum --weight-decay --schedule cosine``. Paper's numbers (Tang et al., CIFAR-100 table; BRIEF section 2): teacher 75.68, student 72.51, LS 73.87,
    KD 75.94, KD-pt 75.08, KD-sim 74.30, KD-pt+sim 75.24, KD-topk 76.17.
 
 ``python benchmarks/tang2020_cifar100.py --root /data/cifar100 --teacher-weights resnet56.pt``
@@ -53,12 +51,6 @@ def methods(num_classes: int, temperature: float) -> list[tuple[str, str, list[s
             ("kd-topk k=3", "kd-topk", [*t, "--k", "3"]), (f"kd-topk k={quarter}", "kd-topk", [*t, "--k", str(quarter)])]
 
 
-def trainer_has_sgd() -> bool:
-    """Whether this softlabels' ``train`` takes the SGD recipe flags (issue 13)."""
-    r = subprocess.run([sys.executable, "-m", "softlabels.cli.app", "train", "--help"], capture_output=True, text=True)
-    return "--optimizer" in r.stdout and "--weight-decay" in r.stdout
-
-
 def make_fake_cifar(root: Path, num_classes: int, train_per_class: int, test_per_class: int, seed: int = 0) -> str:
     """A CIFAR-shaped image folder (RGB 32x32 PNGs, ``train``/``test`` sub-folders, one folder per
     class) whose class is a colour cue plus noise; returns its dataset spec (CIFAR-100 stats)."""
@@ -87,8 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-epochs", type=int, default=240, help="Only without --teacher-weights.")
     p.add_argument("--epochs", type=int, default=240)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (with issue 13's recipe flags).")
-    p.add_argument("--adam-lr", type=float, default=1e-3, help="Adam learning rate when the trainer has no SGD recipe.")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate.")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--smoke", action="store_true",
@@ -127,11 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     teacher_accuracy = open_store(str(test_store)).meta.summary["teacher_top1_accuracy"]
     print(f"teacher resnet56: test accuracy {100 * teacher_accuracy:.2f}%", flush=True)
-    sgd = trainer_has_sgd()
-    recipe = [*SGD_RECIPE, "--lr", f"{cfg.lr:g}"] if sgd else ["--lr", f"{cfg.adam_lr:g}"]
-    if not sgd:
-        print("note: `softlabels train` has no --optimizer yet (issue 13): students train with Adam + cosine "
-              f"at lr {cfg.adam_lr:g}, not the SGD recipe", flush=True)
+    recipe = [*SGD_RECIPE, "--lr", f"{cfg.lr:g}"]
     results: dict[str, list[dict[str, Any]]] = {}
     for label, method, flags in methods(num_classes, cfg.temperature):
         for seed in range(cfg.seeds):
@@ -154,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cells.append(f"{statistics.fmean(values):.2f} ± {std:.2f}")
         paper = PAPER.get(label)
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {'–' if paper is None else f'{paper:.2f}'} |")
-    summary = {"dataset": spec, "sgd_recipe": sgd, "teacher_test_accuracy": teacher_accuracy, "runs": results, "wall_seconds": time.perf_counter() - start}
+    summary = {"dataset": spec, "recipe": recipe, "teacher_test_accuracy": teacher_accuracy, "runs": results, "wall_seconds": time.perf_counter() - start}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "commands.txt").write_text("\n".join(log) + "\n")
     print("\n".join(lines), flush=True)
