@@ -9,6 +9,7 @@ in memory with :meth:`SoftLabelStore.preload`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from softlabels.errors import IncompleteStoreError, NotAStoreError, StoreNotFoundError
 from softlabels.stores import format as fmt
@@ -25,6 +27,7 @@ from softlabels.stores.metadata import StoreMetadata, read_metadata
 
 DEFAULT_CACHE_BYTES = 1 << 30
 _CODEC_FIELDS = (fmt.TOPK_VALUES, fmt.TOPK_INDICES, fmt.LOGSUMEXP, fmt.LABEL_LOGIT)
+_PICKLED = ("location", "allow_incomplete", "cache_bytes", "storage_options")
 
 
 def open_store(
@@ -123,19 +126,11 @@ class SoftLabelStore:
             )
 
     def __getstate__(self) -> dict[str, Any]:
-        return {
-            "location": self.location,
-            "allow_incomplete": self.allow_incomplete,
-            "cache_bytes": self.cache_bytes,
-            "storage_options": self.storage_options,
-            "memory": self._memory,
-        }
+        return {**{name: getattr(self, name) for name in _PICKLED}, "memory": self._memory}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.location = state["location"]
-        self.allow_incomplete = state["allow_incomplete"]
-        self.cache_bytes = state["cache_bytes"]
-        self.storage_options = state["storage_options"]
+        for name in _PICKLED:
+            setattr(self, name, state[name])
         self._open()
         self._memory = {name: _frozen(arr) for name, arr in state["memory"].items()}
 
@@ -221,7 +216,7 @@ class SoftLabelStore:
         parts = []
         for unit in range(schema.num_units):  # bounded memory: one unit's coded rows at a time
             start, stop = schema.unit_range(unit)
-            raw = {a: self._read(a, start, stop) for a in codec.needs([name])}
+            raw = self._read_many(codec.needs([name]), start, stop)
             parts.append(codec.decode(raw, [name])[name])
         return np.concatenate(parts)
 
@@ -249,20 +244,57 @@ class SoftLabelStore:
             self._cache_used -= old.nbytes
         return block
 
-    def _dense(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """A full-size buffer for ``name`` filled chunk by chunk on demand, when the decoded array
-        fits in a quarter of the cache budget: after warm-up a random batch is one numpy
-        fancy-index, with no per-chunk Python work."""
-        entry = self._lazy.get(name)
-        if entry is None:
-            arr = self.array(name)
-            nbytes = int(np.prod(arr.shape)) * arr.dtype.itemsize
-            if nbytes * 4 > self.cache_bytes:
-                return None
-            n_chunks = -(-arr.shape[0] // self.schema.rows_per_chunk)
-            entry = (np.empty(arr.shape, dtype=arr.dtype), np.zeros(n_chunks, dtype=bool))
-            self._lazy[name] = entry
-        return entry
+    def _lazy_buffer(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A full-size buffer for ``name`` (stored, or decoded by the compact codec) and its
+        per-chunk "filled" flags, or None unless it fits a quarter of the cache (decoded fields:
+        all together). After warm-up a random batch is one fancy-index per field."""
+        if name not in self._lazy:  # decided once per field: None when it does not fit
+            if self._decoded(name):
+                specs = {s.name: s for s in self.schema.fields() if s.name in _CODEC_FIELDS}
+                nbytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs.values())
+                shape, dtype = specs[name].shape, np.dtype(specs[name].dtype)
+            else:
+                arr = self.array(name)
+                shape, dtype = arr.shape, arr.dtype
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+            n_chunks = -(-self.num_samples // self.schema.rows_per_chunk)
+            fits = nbytes * 4 <= self.cache_bytes
+            self._lazy[name] = (np.empty(shape, dtype), np.zeros(n_chunks, dtype=bool)) if fits else None
+        return self._lazy[name]
+
+    def _fill(self, names: list[str], idx: np.ndarray) -> None:
+        """Fill the lazy buffers of ``names`` for the chunks ``idx`` touches first: a chunk's stored
+        arrays in one event-loop call (zarr reads them concurrently), compact fields decoded once."""
+        rows = self.schema.rows_per_chunk
+        chunks = np.unique(idx // rows)
+        todo = chunks[~np.logical_and.reduce([self._lazy[n][1][chunks] for n in names])]
+        if not todo.size:
+            return
+        coded = [n for n in names if self._decoded(n)]
+        stored = [n for n in names if n not in coded]
+        stored += [a for a in self._codec.needs(coded) if a not in stored] if coded else []
+        for chunk in todo:
+            lo, hi = int(chunk) * rows, min((int(chunk) + 1) * rows, self.num_samples)
+            raw = self._read_many(stored, lo, hi)
+            if coded:
+                raw.update(self._codec.decode(raw, coded))
+            for name in names:
+                buf, filled = self._lazy[name]
+                buf[lo:hi] = raw[name]
+                filled[chunk] = True
+
+    def _read_many(self, names: list[str], start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of several per-sample arrays, in one event-loop call."""
+        arrays = [self.array(name).async_array for name in names]  # opened (and checked) outside the loop
+
+        async def read_all() -> list:
+            return await asyncio.gather(*(a.getitem(slice(start, stop)) for a in arrays), return_exceptions=True)
+        out = {}
+        for name, got in zip(names, sync(read_all())):
+            if isinstance(got, BaseException):
+                raise read_error(self.location, name, f"{start}..{min(stop, self.num_samples) - 1}", got) from None
+            out[name] = got
+        return out
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a per-sample array; damage is one line naming the array."""
@@ -291,18 +323,12 @@ class SoftLabelStore:
         memory = self._memory.get(name)
         if memory is not None:
             return memory[idx]
+        if self._lazy_buffer(name) is not None:
+            self._fill([name], idx)
+            return self._lazy[name][0][idx]
         if self._decoded(name):
-            return self._gather_decoded([name], idx)[name]
+            return self._decode_rows([name], idx)[name]
         rows = self.schema.rows_per_chunk
-        dense = self._dense(name)
-        if dense is not None:
-            buf, loaded = dense
-            chunks = np.unique(idx // rows)
-            for chunk in chunks[~loaded[chunks]]:
-                c = int(chunk)
-                buf[c * rows : (c + 1) * rows] = self._read(name, c * rows, (c + 1) * rows)
-                loaded[c] = True
-            return buf[idx]
         arr = self.array(name)
         out = np.empty((idx.size, *arr.shape[1:]), dtype=arr.dtype)
         if idx.size == 0:
@@ -316,29 +342,9 @@ class SoftLabelStore:
             out[group] = block[idx[group] - chunk * rows]
         return out
 
-    def _gather_decoded(self, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Compact fields. Like :meth:`_dense`: when the decoded fields fit a quarter of the
-        cache, each chunk is decoded once into full-size buffers and a batch is a row gather;
-        otherwise the batch's coded rows (cached like any array) are decoded together."""
-        codec, rows = self._codec, self.schema.rows_per_chunk
-        specs = {s.name: s for s in self.schema.fields()}
-        nbytes = sum(int(np.prod(specs[n].shape)) * np.dtype(specs[n].dtype).itemsize for n in _CODEC_FIELDS if n in specs)
-        if nbytes * 4 > self.cache_bytes:
-            raw = {a: self._gather(a, idx) for a in codec.needs(names)}
-            return codec.decode(raw, names)
-        n_chunks = -(-self.num_samples // rows)
-        for name in names:
-            if name not in self._lazy:
-                self._lazy[name] = (np.empty(specs[name].shape, specs[name].dtype), np.zeros(n_chunks, dtype=bool))
-        chunks = np.unique(idx // rows)
-        todo = chunks[~np.logical_and.reduce([self._lazy[n][1][chunks] for n in names])]
-        for chunk in todo:
-            lo, hi = int(chunk) * rows, min((int(chunk) + 1) * rows, self.num_samples)
-            raw = {a: self.array(a)[lo:hi] for a in codec.needs(names)}
-            for name, block in codec.decode(raw, names).items():
-                self._lazy[name][0][lo:hi] = block
-                self._lazy[name][1][chunk] = True
-        return {name: self._lazy[name][0][idx] for name in names}
+    def _decode_rows(self, names: list[str], idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Compact fields too big for lazy buffers: the batch's coded rows decoded together."""
+        return self._codec.decode({a: self._gather(a, idx) for a in self._codec.needs(names)}, names)
 
     def read(
         self,
@@ -372,10 +378,14 @@ class SoftLabelStore:
                 rows = np.arange(idx.size)
             else:
                 views = int(views)
-        coded = [n for n in names if self._decoded(n) and n not in self._memory]
-        decoded = self._gather_decoded(coded, idx) if coded else {}
+        lazy = [n for n in names if n not in self._memory and self._lazy_buffer(n) is not None]
+        if lazy:  # every field's chunks in one go: one read per chunk for all of them
+            self._fill(lazy, idx)
+        coded = [n for n in names if self._decoded(n) and n not in self._memory and n not in lazy]
+        decoded = self._decode_rows(coded, idx) if coded else {}
         for name in names:
-            data = decoded[name] if name in decoded else self._gather(name, idx)
+            data = self._lazy[name][0][idx] if name in lazy else decoded.get(name)
+            data = self._gather(name, idx) if data is None else data
             if view is not None and name != fmt.LABELS:
                 data = data[:, views] if rows is None else data[rows, views]
             if name == fmt.LOGSUMEXP and t_col is not None:

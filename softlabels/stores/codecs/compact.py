@@ -164,35 +164,41 @@ class CompactCodec:
         ``label_logit``, ``logsumexp`` float32, ``topk_indices`` uint16."""
         out: dict[str, np.ndarray] = {}
         if TOPK_INDICES in fields:
-            out[TOPK_INDICES] = raw[INDICES].astype(np.uint16)
+            out[TOPK_INDICES] = raw[INDICES].astype(np.uint16, copy=False)
         if not {TOPK_VALUES, LOGSUMEXP, LABEL_LOGIT} & set(fields):
             return out
-        q = np.cumsum(raw[LOGP_GAPS], axis=-1, dtype=np.int64)  # (v_0 - v_r) / logp_step >= 0; q_0 = 0
+        # q_r = (v_0 - v_r) / logp_step >= 0, q_0 = 0: the gaps' running sum, one vector add per
+        # rank (numpy's cumsum along a short last axis is ~10x slower)
+        q = raw[LOGP_GAPS].astype(np.int64)
+        for r in range(1, q.shape[-1]):
+            q[..., r] += q[..., r - 1]
         tail = self.tail_masses(raw[TAIL]) if self.has_tail else None
-        m1 = tail[..., self.tail_temperatures.index(1.0)] if tail is not None else 0.0
+
+        def log_topk_mass(t: float) -> np.ndarray | float:  # log(1 - m_T)
+            return np.log1p(-tail[..., self.tail_temperatures.index(t)]) if tail is not None else 0.0
+
         # log Σ_r exp(-d_r / T) with d = logp_step * q: q_0 = 0, so the sum is >= 1 and needs no max shift
-        top = np.log1p(-m1) - np.log(self._exp(q, 1.0).sum(-1))  # v_0: the top-k mass at T = 1 is 1 - m_1
+        top = log_topk_mass(1.0) - np.log(self._exp_sum(q, 1.0))  # v_0: the top-k mass at T = 1 is 1 - m_1
         if TOPK_VALUES in fields:
-            out[TOPK_VALUES] = (top[..., None] - q * self.logp_step).astype(np.float32)
+            d = q * self.logp_step
+            out[TOPK_VALUES] = np.subtract(top[..., None], d, out=d).astype(np.float32)
         if LOGSUMEXP in fields:
-            cols = []
-            for t in self.temperatures:
-                m = tail[..., self.tail_temperatures.index(t)] if tail is not None else 0.0
-                cols.append(top / t + np.log(self._exp(q, t).sum(-1)) - np.log1p(-m))
-            out[LOGSUMEXP] = np.stack(cols, axis=-1).astype(np.float32)
+            lse = np.empty((*top.shape, len(self.temperatures)), dtype=np.float32)
+            for j, t in enumerate(self.temperatures):
+                lse[..., j] = top / t + np.log(self._exp_sum(q, t)) - log_topk_mass(t)
+            out[LOGSUMEXP] = lse
         if LABEL_LOGIT in fields:
             out[LABEL_LOGIT] = (top - raw[LABEL_GAP].astype(np.float64) * self.logp_step).astype(np.float32)
         return out
 
-    def _exp(self, q: np.ndarray, t: float) -> np.ndarray:
-        """``exp(-logp_step * q / t)``: a table lookup for the usual q < 4,096 (the decoder's
+    def _exp_sum(self, q: np.ndarray, t: float) -> np.ndarray:
+        """``Σ_r exp(-logp_step * q_r / t)``: a table lookup for the usual q < 4,096 (the decoder's
         only transcendental per rank), computed for rows reaching further."""
         tables = self.__dict__.setdefault("_tables", {})  # frozen dataclass: a cache outside the fields
         if t not in tables:
             tables[t] = np.exp(-self.logp_step * np.arange(_TABLE) / t)
-        if q.size and q.max() >= _TABLE:
-            return np.exp(-self.logp_step / t * q)
-        return tables[t][q]
+        e = np.exp(-self.logp_step / t * q) if q.size and q.max() >= _TABLE else tables[t][q]
+        return np.einsum("...k->...", e)  # a sum over the short last axis, ~4x faster than .sum(-1)
 
     def tail_masses(self, codes: np.ndarray) -> np.ndarray:
         """``compact/tail`` codes -> tail masses ``m_T = sigmoid(tail_step * (code - 128))``."""
