@@ -3,6 +3,7 @@ what it costs and keeps on real stores.
 
     python benchmarks/compact_codec.py options                  # coding options, 1 shard of teacher-like rows
     python benchmarks/compact_codec.py mnist1d --out codec-out  # stores, views, students (3 seeds)
+    python benchmarks/compact_codec.py students --out codec-out --seeds 20  # students only, many seeds
 
 ``options``: one 65,536-row shard of benchmarks/store_io.py's teacher-like rows (C = 1,000, k = 10,
 T = 1,2,4,8), each candidate coding compressed in 8,192-row chunks exactly as the store's inner
@@ -13,6 +14,13 @@ fidelity (mean/max per-row KL(fp16 || compact) of the KD-topk target) of each qu
 split (k = 10, T = 1,2,4,8) and with V = 1 and V = 8 shift views (k = 10, T = 4, no features);
 bytes per sample and per extra view; the view coding options on the V = 8 rows; the demo's KD
 T = 4 and KD-topk k = 3 students from the fp16 and the compact train store, same seeds.
+
+``students``: the same students from the train stores in ``--out`` (dumped when missing), plus a
+control: KD T = 4 from a **float32** store, whose targets differ from the fp16 store's by rounding
+alone. Seeds 0..N-1 per arm (same seed = same init and batch order); each run is appended to
+``students.jsonl`` there as it finishes, and a rerun skips the runs already recorded. Prints
+each arm's mean and standard error, and the paired differences (compact - fp16, float32 - fp16)
+with their standard error: the control's difference is the noise floor a codec's has to beat.
 """
 
 from __future__ import annotations
@@ -180,7 +188,7 @@ def _train_one(job: tuple) -> dict:
     from softlabels.train import train_student
 
     torch.set_num_threads(1)
-    store, method, seed, epochs, opts, out = job
+    store, method, seed, epochs, opts, out = job[:6]
     with tempfile.TemporaryDirectory(dir=out) as run_dir:
         m = train_student([store], "mnist1d", "builtin:mlp", method, epochs=epochs, seed=seed, out_dir=run_dir,
                           progress=False, temperature=opts.get("temperature"), k=opts.get("k"))
@@ -241,6 +249,64 @@ def mnist1d(out: Path, seeds: int, epochs: int, reuse_fp16: bool = False) -> dic
             "fidelity_vs_fp16": vs_fp16, "view_options": view_options(stores["views8-fp16"]), "students": students}
 
 
+STUDENT_ARMS = [("KD T=4", "kd", {"temperature": 4.0}, ("fp16", "compact", "fp32")),
+                ("KD-topk k=3 T=4", "kd-topk", {"temperature": 4.0, "k": 3}, ("fp16", "compact"))]
+
+
+def students(out: Path, seeds: int, epochs: int, workers: int) -> dict:
+    """Many-seed students from the fp16, compact and float32 train stores (see the module doc)."""
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--teacher", "builtin:cnn", "--weights", str(out / "teacher.pt"), "--dataset", "mnist1d", "--split",
+              "train", "--workers", "2", "--k", "10", "--quiet", "--overwrite", "--temperatures", "1,2,4,8"]
+    if not (out / "teacher.pt").exists():
+        softlabels("teacher", "fit", "--dataset", "mnist1d", "--arch", "cnn", "--epochs", "40", "--seed", "0",
+                   "--out", str(out / "teacher.pt"))
+    extra = {"fp16": ["--codec", "fp16"], "compact": ["--codec", "compact"], "fp32": ["--value-dtype", "float32"]}
+    for store, flags in extra.items():
+        if not (out / f"train-{store}.zarr").exists():
+            softlabels("dump", *common, *flags, "--out", str(out / f"train-{store}.zarr"))
+    log = out / "students.jsonl"
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if r["epochs"] == epochs:
+                done[(r["arm"], r["store"], r["seed"])] = r["test_accuracy"]
+    jobs = [(str(out / f"train-{store}.zarr"), method, seed, epochs, opts, str(out), label, store)
+            for seed in range(seeds) for label, method, opts, stores in STUDENT_ARMS for store in stores
+            if (label, store, seed) not in done]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool, log.open("a") as f:
+        for job, r in zip(jobs, pool.map(_train_one, jobs)):
+            row = {"arm": job[6], "store": job[7], "seed": job[2], "epochs": epochs, **r}
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            done[(row["arm"], row["store"], row["seed"])] = r["test_accuracy"]
+    res = {}
+    for label, _, _, stores in STUDENT_ARMS:
+        accs = {s: [100 * done[(label, s, seed)] for seed in range(seeds)] for s in stores}
+        res[label] = {"accuracy": {s: _mean_se(a) for s, a in accs.items()}, "runs": accs,
+                      "paired_vs_fp16": {s: _mean_se([x - y for x, y in zip(accs[s], accs["fp16"])])
+                                         for s in stores if s != "fp16"}}
+    return {"seeds": seeds, "epochs": epochs, "students": res}
+
+
+def _mean_se(xs: list[float]) -> list[float]:
+    """``[mean, standard error of the mean]``."""
+    return [statistics.mean(xs), statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")]
+
+
+def print_students(res: dict) -> None:
+    print(f"students, {res['seeds']} seeds per arm, {res['epochs']} epochs: test accuracy %, mean ± standard error")
+    print("| student | store | accuracy | paired difference vs fp16 |")
+    print("|---|---|---|---|")
+    for label, r in res["students"].items():
+        for store, (m, se) in r["accuracy"].items():
+            diff = r["paired_vs_fp16"].get(store)
+            d = f"{diff[0]:+.2f} ± {diff[1]:.2f}" if diff else ""
+            print(f"| {label} | {store} | {m:.2f} ± {se:.2f} | {d} |")
+
+
 def print_mnist1d(res: dict) -> None:
     print("bytes/sample:", json.dumps({k: round(v, 1) for k, v in res["bytes_per_sample"].items()}))
     print("bytes per extra view (V=8 vs V=1):", json.dumps({k: round(v, 1) for k, v in res["bytes_per_extra_view"].items()}))
@@ -254,17 +320,21 @@ def print_mnist1d(res: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["options", "mnist1d"])
+    p.add_argument("what", choices=["options", "mnist1d", "students"])
     p.add_argument("--rows", type=int, default=65536)
     p.add_argument("--out", default="codec-out")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--workers", type=int, default=2, help="students: training processes at once")
     p.add_argument("--reuse-fp16", action="store_true", help="keep complete fp16 stores (and the teacher) already in --out")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.what == "options":
         res = options(args.rows)
         print_options(res)
+    elif args.what == "students":
+        res = students(Path(args.out), args.seeds, args.epochs, args.workers)
+        print_students(res)
     else:
         res = mnist1d(Path(args.out), args.seeds, args.epochs, args.reuse_fp16)
         print_mnist1d(res)
