@@ -36,6 +36,16 @@ def stores(tmp_path_factory, logits):
     return root / "fp16.zarr", root / "compact.zarr"
 
 
+@pytest.fixture(scope="module")
+def single_view(tmp_path_factory, logits):
+    z, labels = logits
+    path = tmp_path_factory.mktemp("compact1") / "compact.zarr"
+    write_store_from_logits(path, z[:, :1], k=K, temperatures=TEMPS, labels=labels, teacher={"spec": "test:logits"},
+                            dataset={"spec": "test:compact", "split": "train"}, rows_per_shard=256, rows_per_chunk=128,
+                            codec="compact")
+    return path
+
+
 def _decode_by_the_formula(path):
     """FORMAT.md §8, with tensorstore and numpy only."""
     import tensorstore as ts
@@ -55,9 +65,10 @@ def _decode_by_the_formula(path):
             "label_logit": top - step * read("compact/label_gap")}
 
 
-def test_tensorstore_reads_every_array_and_numpy_decodes_them_to_the_readers_targets(stores):
+@pytest.mark.parametrize("views", [V, 1])
+def test_tensorstore_reads_every_array_and_numpy_decodes_them_to_the_readers_targets(stores, single_view, views):
     ts = pytest.importorskip("tensorstore")
-    _, path = stores
+    path = stores[1] if views > 1 else single_view
     store = open_store(path)
     specs = store.schema.all_arrays()
     names = {s.name for s in specs}
@@ -72,7 +83,10 @@ def test_tensorstore_reads_every_array_and_numpy_decodes_them_to_the_readers_tar
         if spec.name.startswith("compact/"):
             assert spec.dtype in ("uint8", "uint16")
     gaps = json.loads((path / "compact/logp_gaps/zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
-    assert [c["name"] for c in gaps] == ["transpose", "bytes", "blosc", "crc32c"]
+    # FORMAT.md §8: one view rank-major (transpose) + bitshuffle; several views row-major + byte shuffle
+    chain = (["transpose"] if views == 1 else []) + ["bytes", "blosc", "crc32c"]
+    assert [c["name"] for c in gaps] == chain
+    assert gaps[-2]["configuration"]["shuffle"] == ("bitshuffle" if views == 1 else "shuffle")
 
     ours = store.read(np.arange(N))
     theirs = _decode_by_the_formula(path)
