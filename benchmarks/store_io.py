@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -169,6 +170,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(2)
+    load_start = os.getloadavg()
     results = []
     codecs = args.codecs.split(",")
     fid = {}
@@ -186,26 +188,45 @@ def main() -> None:
     if args.json:
         print(json.dumps({"results": results, "fidelity": fid}, indent=2))
         return
+    load_end = os.getloadavg()
     print(f"$ python benchmarks/store_io.py --rows {args.rows} --batches {args.batches} --layouts {args.layouts} "
           f"--codecs {args.codecs}")
-    print(f"rows={args.rows:,} C={args.classes} k={args.k} T={list(TEMPS)}; random batches of 256")
-    head = ["codec", "layout", "write r/s", "bulk read r/s", "rand store r/s", "rand mem r/s", "rand 1/4-cache r/s",
-            "chunk-shuffle 1/4-cache r/s", "naive zarr r/s", "B/row"]
-    print(" | ".join(head))
+    print(f"rows={args.rows:,} C={args.classes} k={args.k} T={list(TEMPS)}; random batches of 256 rows; "
+          f"load average (1 min) {load_start[0]:.1f} at start, {load_end[0]:.1f} at end on {os.cpu_count()} CPUs")
+    head = ["codec layout", "B/row", "rand store r/s", "rand mem r/s", "bulk write r/s", "bulk read r/s",
+            "rand 1/4-cache r/s", "chunk-shuffle 1/4-cache r/s", "naive zarr r/s"]
+    print("\n" + " | ".join(head))
+    print(" | ".join("---" for _ in head))
     for r in results:
         print(" | ".join([
-            r["codec"], r["layout"], f"{r['bulk_write_rows_per_s']:,.0f}", f"{r['bulk_read_rows_per_s']:,.0f}",
-            f"{r['random_batch_store_rows_per_s']:,.0f}", f"{r['random_batch_memory_rows_per_s']:,.0f}",
-            f"{r['random_batch_quarter_cache_rows_per_s']:,.0f}", f"{r['chunk_shuffle_quarter_cache_rows_per_s']:,.0f}",
-            f"{r['random_batch_naive_zarr_rows_per_s']:,.0f}",
-            f"{r['bytes_per_row']:.1f}",
+            f"{r['codec']} {r['layout']}", f"{r['bytes_per_row']:.1f}", f"{r['random_batch_store_rows_per_s']:,.0f}",
+            f"{r['random_batch_memory_rows_per_s']:,.0f}", f"{r['bulk_write_rows_per_s']:,.0f}",
+            f"{r['bulk_read_rows_per_s']:,.0f}", f"{r['random_batch_quarter_cache_rows_per_s']:,.0f}",
+            f"{r['chunk_shuffle_quarter_cache_rows_per_s']:,.0f}", f"{r['random_batch_naive_zarr_rows_per_s']:,.0f}",
         ]))
-        print("   bytes/row by array: " + ", ".join(f"{k} {v:.2f}" for k, v in r["bytes_per_row_by_array"].items()))
+    print()
+    for r in results:
+        print(f"bytes/row by array, {r['codec']} {r['layout']}: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["bytes_per_row_by_array"].items()))
     for layout, per_t in fid.items():
-        print(f"fidelity of compact vs fp16 ({layout}): " + "; ".join(
-            f"T={t} KL mean {f['kl_mean']:.2e} max {f['kl_max']:.2e} top-1 {100 * f['top1_agreement']:.3f} %"
-            for t, f in per_t.items()))
-
+        print(f"\nfidelity of compact vs fp16 ({layout}), per-row KL(fp16 targets || compact targets):")
+        print("T | KL mean | KL max | top-1 agreement %")
+        print("--- | --- | --- | ---")
+        for t, f in per_t.items():
+            print(f"{t} | {f['kl_mean']:.2e} | {f['kl_max']:.2e} | {100 * f['top1_agreement']:.3f}")
+    compact = [r for r in results if r["codec"] == "compact"]
+    if compact:
+        print("\ntargets (issue 17), compact codec:")
+    for r in compact:
+        fp16 = next((x for x in results if x["codec"] == "fp16" and x["layout"] == r["layout"]), None)
+        ratio = f" ({r['random_batch_store_rows_per_s'] / fp16['random_batch_store_rows_per_s']:.2f}x fp16)" if fp16 else ""
+        checks = [("<= 20 B/row", r["bytes_per_row"], r["bytes_per_row"] <= 20, "{:.1f} B/row"),
+                  (">= 200k rows/s random from the store", r["random_batch_store_rows_per_s"],
+                   r["random_batch_store_rows_per_s"] >= 200_000, "{:,.0f} rows/s" + ratio),
+                  (">= 1M rows/s random in memory", r["random_batch_memory_rows_per_s"],
+                   r["random_batch_memory_rows_per_s"] >= 1_000_000, "{:,.0f} rows/s")]
+        for what, value, ok, fmt_ in checks:
+            print(f"  {r['layout']} {what}: {'met' if ok else 'NOT met'}, {fmt_.format(value)}")
 
 if __name__ == "__main__":
     main()

@@ -55,14 +55,38 @@ def _decode_by_the_formula(path):
         return ts.open(spec, read=True).result().read().result()
 
     codec = json.loads((path / "zarr.json").read_text())["attributes"]["softlabels"]["schema"]["codec"]
+    return _formula(codec, TEMPS, *(read(f"compact/{a}") for a in ("indices", "logp_gaps", "tail", "label_gap")))
+
+
+def _formula(codec, temps, ids, gaps, tail, label_gap):
     step, tstep, off, temps_t = codec["logp_step"], codec["tail_step"], codec["tail_offset"], codec["tail_temperatures"]
-    ids = read("compact/indices")
-    d = step * np.cumsum(read("compact/logp_gaps").astype(np.float64), axis=-1)
-    m = 1.0 / (1.0 + np.exp(-tstep * (read("compact/tail").astype(np.float64) - off)))
+    d = step * np.cumsum(gaps.astype(np.float64), axis=-1)
+    m = 1.0 / (1.0 + np.exp(-tstep * (tail.astype(np.float64) - off)))
     top = np.log(1.0 - m[..., temps_t.index(1.0)]) - np.log(np.exp(-d).sum(-1))
-    lse = np.stack([top / t + np.log(np.exp(-d / t).sum(-1)) - np.log(1.0 - m[..., temps_t.index(t)]) for t in TEMPS], -1)
-    return {"topk_indices": ids, "topk_values": top[..., None] - d, "logsumexp": lse,
-            "label_logit": top - step * read("compact/label_gap")}
+    lse = np.stack([top / t + np.log(np.exp(-d / t).sum(-1)) - np.log(1.0 - m[..., temps_t.index(t)]) for t in temps], -1)
+    return {"topk_indices": ids, "topk_values": top[..., None] - d, "logsumexp": lse, "label_logit": top - step * label_gap}
+
+
+def test_decoding_many_rows_and_far_ranks_follows_the_formula():
+    """Past 8,192 rows the decoder works block by block, and ranks 512+ nats below the top-1 leave
+    its exp table: both still give the documented formula's values, row for row."""
+    from softlabels.stores.codecs.compact import CompactCodec
+
+    codec = CompactCodec(300, 6, (2.0, 4.0))
+    g = np.random.default_rng(0)
+    n = 8192 + 700
+    gaps = g.integers(0, 40, (n, 2, 6)).astype(np.uint16)
+    gaps[:, :, 0] = 0
+    gaps[8500:8600, 1, 5] = 9000  # one block reaches past the table, the others do not
+    raw = {"compact/indices": g.integers(0, 300, (n, 2, 6)).astype(np.uint16), "compact/logp_gaps": gaps,
+           "compact/tail": g.integers(60, 140, (n, 2, 3)).astype(np.uint8),
+           "compact/label_gap": g.integers(0, 30, (n, 2)).astype(np.uint16)}
+    ours = codec.decode(raw, ["topk_values", "topk_indices", "logsumexp", "label_logit"])
+    theirs = _formula(codec.to_dict(), (2.0, 4.0), *raw.values())
+    np.testing.assert_array_equal(ours["topk_indices"], theirs["topk_indices"])
+    for name in ("topk_values", "logsumexp", "label_logit"):
+        assert ours[name].shape == theirs[name].shape and ours[name].dtype == np.float32
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("views", [V, 1])

@@ -246,7 +246,7 @@ class SoftLabelStore:
 
     def _lazy_buffer(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """A full-size buffer for ``name`` (stored, or decoded by the compact codec) and its
-        per-chunk "filled" flags, or None unless it fits a quarter of the cache (decoded fields:
+        per-shard "filled" flags, or None unless it fits a quarter of the cache (decoded fields:
         all together). After warm-up a random batch is one fancy-index per field."""
         if name not in self._lazy:  # decided once per field: None when it does not fit
             if self._decoded(name):
@@ -257,31 +257,32 @@ class SoftLabelStore:
                 arr = self.array(name)
                 shape, dtype = arr.shape, arr.dtype
                 nbytes = int(np.prod(shape)) * dtype.itemsize
-            n_chunks = -(-self.num_samples // self.schema.rows_per_chunk)
+            n_shards = -(-self.num_samples // self.schema.rows_per_shard)
             fits = nbytes * 4 <= self.cache_bytes
-            self._lazy[name] = (np.empty(shape, dtype), np.zeros(n_chunks, dtype=bool)) if fits else None
+            self._lazy[name] = (np.empty(shape, dtype), np.zeros(n_shards, dtype=bool)) if fits else None
         return self._lazy[name]
 
     def _fill(self, names: list[str], idx: np.ndarray) -> None:
-        """Fill the lazy buffers of ``names`` for the chunks ``idx`` touches first: a chunk's stored
-        arrays in one event-loop call (zarr reads them concurrently), compact fields decoded once."""
-        rows = self.schema.rows_per_chunk
-        chunks = np.unique(idx // rows)
-        todo = chunks[~np.logical_and.reduce([self._lazy[n][1][chunks] for n in names])]
+        """Fill the lazy buffers of ``names`` for the shards ``idx`` touches first, a whole shard
+        at a time (zarr reads a shard's inner chunks for ~1/3 of the cost of reading them one by
+        one), the shard's arrays in one event-loop call, compact fields decoded once."""
+        rows = self.schema.rows_per_shard
+        shards = np.unique(idx // rows)
+        todo = shards[~np.logical_and.reduce([self._lazy[n][1][shards] for n in names])]
         if not todo.size:
             return
         coded = [n for n in names if self._decoded(n)]
         stored = [n for n in names if n not in coded]
         stored += [a for a in self._codec.needs(coded) if a not in stored] if coded else []
-        for chunk in todo:
-            lo, hi = int(chunk) * rows, min((int(chunk) + 1) * rows, self.num_samples)
+        for shard in todo:
+            lo, hi = int(shard) * rows, min((int(shard) + 1) * rows, self.num_samples)
             raw = self._read_many(stored, lo, hi)
             if coded:
                 raw.update(self._codec.decode(raw, coded))
             for name in names:
                 buf, filled = self._lazy[name]
                 buf[lo:hi] = raw[name]
-                filled[chunk] = True
+                filled[shard] = True
 
     def _read_many(self, names: list[str], start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) of several per-sample arrays, in one event-loop call."""

@@ -48,6 +48,7 @@ DEFAULT_TAIL_STEP = 0.125
 TAIL_OFFSET = 128
 MAX_GAP = 65_535  # uint16 gaps: 8,191 nats at logp_step 0.125
 _TABLE = 4096
+_BLOCK = 8192  # rows decoded at a time
 MAX_CLASSES = 65_536
 
 _NEEDS = {
@@ -161,44 +162,68 @@ class CompactCodec:
 
     def decode(self, raw: Mapping[str, np.ndarray], fields: Sequence[str]) -> dict[str, np.ndarray]:
         """Stored arrays (``[n, V, ...]``, all views) -> logical ``fields``: ``topk_values``,
-        ``label_logit``, ``logsumexp`` float32, ``topk_indices`` uint16."""
+        ``label_logit``, ``logsumexp`` float32, ``topk_indices`` uint16. Decoded in blocks of
+        8,192 rows: temporaries that stay in cache (a 65,536-row shard decodes ~2x faster so)."""
+        n = len(next(iter(raw.values())))
+        if n <= _BLOCK:
+            return self._decode(raw, fields)
+        parts = [self._decode({a: x[i : i + _BLOCK] for a, x in raw.items()}, fields) for i in range(0, n, _BLOCK)]
+        return {f: np.concatenate([p[f] for p in parts]) for f in parts[0]}
+
+    def _decode(self, raw: Mapping[str, np.ndarray], fields: Sequence[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         if TOPK_INDICES in fields:
             out[TOPK_INDICES] = raw[INDICES].astype(np.uint16, copy=False)
         if not {TOPK_VALUES, LOGSUMEXP, LABEL_LOGIT} & set(fields):
             return out
-        # q_r = (v_0 - v_r) / logp_step >= 0, q_0 = 0: the gaps' running sum, one vector add per
-        # rank (numpy's cumsum along a short last axis is ~10x slower)
-        q = raw[LOGP_GAPS].astype(np.int64)
-        for r in range(1, q.shape[-1]):
-            q[..., r] += q[..., r - 1]
-        tail = self.tail_masses(raw[TAIL]) if self.has_tail else None
+        gaps = raw[LOGP_GAPS]
+        lead, k = gaps.shape[:-1], gaps.shape[-1]
+        # q_r = (v_0 - v_r) / logp_step >= 0 (q_0 = 0), rank-major [k, rows]: the running sum over
+        # ranks and the sums below are vector adds over rows (numpy is ~10x slower along a short last axis)
+        q = np.ascontiguousarray(gaps.reshape(-1, k).T, dtype=np.intp)
+        for r in range(1, k):
+            q[r] += q[r - 1]
+        codes = raw[TAIL].reshape(-1, len(self.tail_temperatures)) if self.has_tail else None
 
-        def log_topk_mass(t: float) -> np.ndarray | float:  # log(1 - m_T)
-            return np.log1p(-tail[..., self.tail_temperatures.index(t)]) if tail is not None else 0.0
+        def log_keep(t: float) -> np.ndarray | float:  # log(1 - m_T): a lookup by the 8-bit tail code
+            return self._log_keep_table()[codes[:, self.tail_temperatures.index(t)]] if codes is not None else 0.0
 
-        # log Σ_r exp(-d_r / T) with d = logp_step * q: q_0 = 0, so the sum is >= 1 and needs no max shift
-        top = log_topk_mass(1.0) - np.log(self._exp_sum(q, 1.0))  # v_0: the top-k mass at T = 1 is 1 - m_1
+        sums: dict[float, np.ndarray] = {}  # Σ_r exp(-d_r / T), d = logp_step * q; >= 1 (q_0 = 0): no max shift
+
+        def exp_sum(t: float) -> np.ndarray:
+            if t not in sums:
+                sums[t] = self._exp(q, t).sum(axis=0)
+            return sums[t]
+
+        top = log_keep(1.0) - np.log(exp_sum(1.0))  # v_0: the top-k mass at T = 1 is 1 - m_1
         if TOPK_VALUES in fields:
             d = q * self.logp_step
-            out[TOPK_VALUES] = np.subtract(top[..., None], d, out=d).astype(np.float32)
+            out[TOPK_VALUES] = np.subtract(top, d, out=d).T.astype(np.float32).reshape(*lead, k)
         if LOGSUMEXP in fields:
-            lse = np.empty((*top.shape, len(self.temperatures)), dtype=np.float32)
+            lse = np.empty((top.size, len(self.temperatures)), dtype=np.float32)
             for j, t in enumerate(self.temperatures):
-                lse[..., j] = top / t + np.log(self._exp_sum(q, t)) - log_topk_mass(t)
-            out[LOGSUMEXP] = lse
+                lse[:, j] = top / t + np.log(exp_sum(t)) - log_keep(t)
+            out[LOGSUMEXP] = lse.reshape(*lead, len(self.temperatures))
         if LABEL_LOGIT in fields:
-            out[LABEL_LOGIT] = (top - raw[LABEL_GAP].astype(np.float64) * self.logp_step).astype(np.float32)
+            label = top.reshape(lead) - raw[LABEL_GAP].astype(np.float64) * self.logp_step
+            out[LABEL_LOGIT] = label.astype(np.float32)
         return out
 
-    def _exp_sum(self, q: np.ndarray, t: float) -> np.ndarray:
-        """``Σ_r exp(-logp_step * q_r / t)``: a table lookup for the usual q < 4,096 (the decoder's
-        only transcendental per rank), computed for rows reaching further."""
+    def _exp(self, q: np.ndarray, t: float) -> np.ndarray:
+        """``exp(-logp_step * q / t)`` for rank-major ``q``: a table lookup for the usual q < 4,096
+        (the decoder's only transcendental per rank), computed for rows reaching further."""
         tables = self.__dict__.setdefault("_tables", {})  # frozen dataclass: a cache outside the fields
         if t not in tables:
             tables[t] = np.exp(-self.logp_step * np.arange(_TABLE) / t)
-        e = np.exp(-self.logp_step / t * q) if q.size and q.max() >= _TABLE else tables[t][q]
-        return np.einsum("...k->...", e)  # a sum over the short last axis, ~4x faster than .sum(-1)
+        if q.size and q[-1].max() >= _TABLE:  # q is non-decreasing in rank: the last rank holds the max
+            return np.exp(-self.logp_step / t * q)
+        return tables[t][q]
+
+    def _log_keep_table(self) -> np.ndarray:
+        """``log(1 - m)`` for each of the 256 tail codes."""
+        if "_log_keep" not in self.__dict__:
+            self.__dict__["_log_keep"] = np.log1p(-self.tail_masses(np.arange(256)))
+        return self.__dict__["_log_keep"]
 
     def tail_masses(self, codes: np.ndarray) -> np.ndarray:
         """``compact/tail`` codes -> tail masses ``m_T = sigmoid(tail_step * (code - 128))``."""
