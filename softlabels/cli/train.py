@@ -64,8 +64,9 @@ def register(app: typer.Typer) -> None:
         grad_clip: float = typer.Option(None, "--grad-clip", help="Clip the global gradient norm to this value."),
         no_aug: bool = typer.Option(
             False, "--no-aug",
-            help="Image datasets (imagefolder) train on a random-resized crop + horizontal flip of each image by "
-            "default; --no-aug trains on the eval preprocessing instead.",
+            help="Image datasets train on random views by default: imagefolder a random-resized crop + horizontal "
+            "flip, cifar10/cifar100 a 4-pixel-padded random crop + flip (svhn: no flip); --no-aug trains on the eval "
+            "preprocessing instead.",
         ),
         student_feature_layer: str = typer.Option(
             "penultimate", "--student-feature-layer",
