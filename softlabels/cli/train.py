@@ -167,9 +167,10 @@ def register(app: typer.Typer) -> None:
             expect_digests=expect_digest or None,
             warn=lambda message: err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True),
         )
-        acc = metrics["test_accuracy"]
-        acc_text = "n/a" if acc is None else f"{100 * acc:.2f}%"
+        acc, epochs = metrics["test_accuracy"], metrics["epochs"]
+        result = ("no evaluation split" if metrics["eval_split"] is None or acc is None
+                  else f"{metrics['eval_split']} accuracy {100 * acc:.2f}%")
         print(
-            f"{method}: {metrics['eval_split']} accuracy {acc_text} after {metrics['epochs']} epochs "
+            f"{method}: {result} after {epochs} epoch{'s' if epochs != 1 else ''} "
             f"({metrics['wall_seconds']:.1f} s); wrote {out / 'student.pt'} and {out / 'metrics.json'}"
         )
