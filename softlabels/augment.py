@@ -41,6 +41,7 @@ import torch
 from softlabels.datasets.spec import Param, format_params, parse_params, split_name
 from softlabels.datasets.info import in_memory
 from softlabels.errors import SpecError
+from softlabels.registry import Registry
 from softlabels.splitmix import splitmix64
 
 __all__ = [
@@ -264,14 +265,14 @@ class CropFlip(Policy):
         return torch.stack(out)
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (NoAugment, Shift1D, CropFlip)}
+POLICIES: Registry[type[Policy]] = Registry("augmentation policy")
+for _policy in (NoAugment, Shift1D, CropFlip):
+    POLICIES.register(_policy.name)(_policy)
 
 
-def _parse(spec: str, registry: Mapping[str, type], role: str) -> tuple[type, dict[str, Any]]:
+def _parse(spec: str, registry: Registry, role: str) -> tuple[type, dict[str, Any]]:
     name, rest = split_name(spec or "none")
-    cls = registry.get(name)
-    if cls is None:
-        raise SpecError(f"unknown {role} {name!r} (known: {', '.join(registry)}); e.g. shift1d:max=6")
+    cls = registry.get(name, hint=f"unknown {role} {name!r} (known: {', '.join(registry)}); e.g. shift1d:max=6")
     return cls, parse_params(name, rest, cls.schema)
 
 
@@ -286,12 +287,12 @@ def policy_from_metadata(meta: Mapping[str, Any] | None) -> Policy | None:
     if not meta or meta.get("policy", "none") == "none":
         return None
     version = int(meta.get("version", 1))
-    if meta["policy"] not in POLICIES or version > POLICIES[meta["policy"]].version:
+    if meta["policy"] not in POLICIES or version > POLICIES.get(meta["policy"]).version:
         raise SpecError(
             f"the store uses augmentation {meta['policy']!r} version {version}, which this softlabels cannot "
             "replay; upgrade softlabels"
         )
-    cls = POLICIES[meta["policy"]]
+    cls = POLICIES.get(meta["policy"])
     params = {key: cls.schema[key].default for key in cls.schema}
     params.update(meta.get("params", {}))
     return cls(params)
@@ -353,7 +354,9 @@ class StudentFlip(StudentAugment):
         return torch.where(flip.view(-1, *[1] * (x.ndim - 1)), F.horizontal_flip(x), x)
 
 
-STUDENT_AUGMENTS: dict[str, type[StudentAugment]] = {a.name: a for a in (StudentShift1D, StudentNoise, StudentFlip)}
+STUDENT_AUGMENTS: Registry[type[StudentAugment]] = Registry("student augmentation")
+for _augment in (StudentShift1D, StudentNoise, StudentFlip):
+    STUDENT_AUGMENTS.register(_augment.name)(_augment)
 
 
 def get_student_augment(spec: str | None) -> StudentAugment | None:

@@ -212,7 +212,8 @@ def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
         DistillDataset.for_method(
             dataset, store, method, info=info, k=k, views=config.views, seed=config.seed,
             allow_mismatch=config.allow_mismatch, student_augment=config.student_augment,
-            preload_bytes=config.preload_bytes, train_transform=train_transform_for(dataset, input_shape, config.augment),
+            preload_bytes=config.preload_bytes,
+            train_transform=train_transform_for(dataset, input_shape, config.augment, info),
         )
         for (dataset, info), store in zip(loaded, stores or [None])
     ]

@@ -21,6 +21,7 @@ from softlabels.data import (
 from softlabels.errors import IncompleteStoreError, InvalidTargetsError, SoftlabelsError
 from softlabels.losses import build_method
 from softlabels.stores import format as fmt
+from softlabels.stores.metadata import labels_fingerprint
 from softlabels.stores.from_logits import write_store_from_logits
 from softlabels.stores.reader import open_store
 from softlabels.stores.writer import StoreWriter
@@ -274,7 +275,7 @@ def test_other_dataset_spec_is_named(digits_store):
     other_ds, other_info = load_dataset("digits:seed=1", "train")
     with pytest.raises(StoreDatasetMismatchError) as e:
         DistillDataset(other_ds, digits_store, info=other_info, fields=[fmt.TOPK_VALUES])
-    here = fmt.labels_fingerprint(other_info.labels)[:12]
+    here = labels_fingerprint(other_info.labels)[:12]
     stored = open_store(digits_store).schema.dataset
     assert str(e.value) == (
         f"store {digits_store} does not match this run's dataset: spec 'digits:seed=0,test_samples=360' in the "

@@ -13,6 +13,7 @@ from assertions import one_line_error
 from softlabels.datasets import load_dataset
 from softlabels.data import DistillDataset, StoreDatasetMismatchError, store_dataset_metadata
 from softlabels.stores import format as fmt
+from softlabels.stores.metadata import labels_fingerprint
 from softlabels.stores.from_logits import write_store_from_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,7 +65,7 @@ def test_matching_dataset_trains_and_records_no_mismatch(cli, digits_store, tmp_
 def test_other_seed_of_a_builtin_is_refused_then_allowed_with_warning(cli, digits_store, tmp_path):
     store, info = digits_store
     _, other = load_dataset("digits:seed=1", "train")
-    stored_fp, here_fp = fmt.labels_fingerprint(info.labels), fmt.labels_fingerprint(other.labels)
+    stored_fp, here_fp = labels_fingerprint(info.labels), labels_fingerprint(other.labels)
     differences = (
         f"spec '{DIGITS}' in the store, 'digits:seed=1,test_samples=360' here; "
         f"labels_sha256 {stored_fp[:12]} in the store, {here_fp[:12]} here (labels differ in value or order); "

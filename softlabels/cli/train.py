@@ -64,8 +64,9 @@ def register(app: typer.Typer) -> None:
         grad_clip: float = typer.Option(None, "--grad-clip", help="Clip the global gradient norm to this value."),
         no_aug: bool = typer.Option(
             False, "--no-aug",
-            help="Image datasets (imagefolder) train on a random-resized crop + horizontal flip of each image by "
-            "default; --no-aug trains on the eval preprocessing instead.",
+            help="Image datasets train on random views by default: imagefolder a random-resized crop + horizontal "
+            "flip, cifar10/cifar100 a 4-pixel-padded random crop + flip (svhn: no flip); --no-aug trains on the eval "
+            "preprocessing instead.",
         ),
         student_feature_layer: str = typer.Option(
             "penultimate", "--student-feature-layer",
@@ -166,9 +167,10 @@ def register(app: typer.Typer) -> None:
             expect_digests=expect_digest or None,
             warn=lambda message: err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True),
         )
-        acc = metrics["test_accuracy"]
-        acc_text = "n/a" if acc is None else f"{100 * acc:.2f}%"
+        acc, epochs = metrics["test_accuracy"], metrics["epochs"]
+        result = ("no evaluation split" if metrics["eval_split"] is None or acc is None
+                  else f"{metrics['eval_split']} accuracy {100 * acc:.2f}%")
         print(
-            f"{method}: {metrics['eval_split']} accuracy {acc_text} after {metrics['epochs']} epochs "
+            f"{method}: {result} after {epochs} epoch{'s' if epochs != 1 else ''} "
             f"({metrics['wall_seconds']:.1f} s); wrote {out / 'student.pt'} and {out / 'metrics.json'}"
         )

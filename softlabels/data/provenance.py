@@ -21,7 +21,7 @@ import torch
 
 from softlabels.datasets.identity import KINDS, identity_differences, parse_allow
 from softlabels.errors import SchemaMismatchError
-from softlabels.stores import format as fmt
+from softlabels.stores.metadata import labels_fingerprint
 from softlabels.stores.reader import SoftLabelStore
 
 
@@ -57,7 +57,7 @@ def store_dataset_metadata(info: Any) -> dict[str, Any]:
     """The ``schema.dataset`` dict a store records for a dataset split (:class:`DatasetInfo`),
     as ``softlabels dump`` writes it: ``info.to_dict()`` (spec, split, num_samples, num_classes,
     input_shape, preprocessing, content_sha256) plus ``labels_sha256``."""
-    return {**info.to_dict(), "labels_sha256": None if info.labels is None else fmt.labels_fingerprint(info.labels)}
+    return {**info.to_dict(), "labels_sha256": None if info.labels is None else labels_fingerprint(info.labels)}
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def dataset_differences(store: SoftLabelStore, dataset: Any, info: Any | None = 
             pass
         elif labels is None:
             out.append(StoreDifference("labels_sha256", stored_fp, None, note="this dataset is unlabeled", kind="labels"))
-        elif (here_fp := fmt.labels_fingerprint(labels)) != stored_fp:
+        elif (here_fp := labels_fingerprint(labels)) != stored_fp:
             out.append(StoreDifference("labels_sha256", stored_fp, here_fp, note="labels differ in value or order",
                                        kind="labels"))
     return out + contents

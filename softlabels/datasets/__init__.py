@@ -28,21 +28,31 @@ Parameters and defaults of each built-in: :mod:`.mnist1d`, :mod:`.digits`, :mod:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from softlabels.datasets import digits, mnist1d, synthetic, vision
 from softlabels.datasets.info import DatasetInfo, InMemoryDataset, inputs_sha256
 from softlabels.datasets.spec import split_name
-from softlabels.errors import SpecError
+from softlabels.registry import Registry
 
 __all__ = ["DatasetInfo", "InMemoryDataset", "load_dataset", "list_datasets", "inputs_sha256"]
 
-_BUILTINS = {mnist1d.NAME: mnist1d.load, digits.NAME: digits.load, synthetic.NAME: synthetic.load}
+Loader = Callable[[str, str], tuple[torch.utils.data.Dataset, DatasetInfo]]
+# name -> load(rest_of_spec, split). Adding a dataset: one module with NAME and load(), one line here.
+_DATASETS: Registry[Loader] = Registry("dataset")
+for _module in (mnist1d, digits, synthetic):
+    _DATASETS.register(_module.NAME)(_module.load)
+for _name in vision.TORCHVISION:
+    _DATASETS.register(_name)(partial(vision.load_torchvision, _name))
+_DATASETS.register("imagefolder")(vision.load_imagefolder)
 
 
 def list_datasets() -> list[str]:
     """Known dataset names: built-ins first, then the ones read from a local path."""
-    return [*_BUILTINS, *vision.TORCHVISION, "imagefolder"]
+    return list(_DATASETS)
 
 
 def load_dataset(spec: str, split: str = "train") -> tuple[torch.utils.data.Dataset, DatasetInfo]:
@@ -53,11 +63,6 @@ def load_dataset(spec: str, split: str = "train") -> tuple[torch.utils.data.Data
     """
     name, rest = split_name(spec)
     split = split.strip().lower()
-    if name in _BUILTINS:
-        return _BUILTINS[name](rest, split)
-    if name in vision.TORCHVISION:
-        return vision.load_torchvision(name, rest, split)
-    if name == "imagefolder":
-        return vision.load_imagefolder(rest, split)
     hint = " (local files: use imagefolder:/path)" if name.startswith(("/", ".", "~")) else ""
-    raise SpecError(f"unknown dataset '{name or spec}'{hint}; known: {', '.join(list_datasets())}")
+    load = _DATASETS.get(name, hint=f"unknown dataset '{name or spec}'{hint}; known: {', '.join(list_datasets())}")
+    return load(rest, split)

@@ -367,16 +367,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def labels_fingerprint(labels: np.ndarray) -> str:
-    """sha256 over N and the labels as little-endian int64, in dataset order."""
-    import hashlib
-
-    arr = np.ascontiguousarray(np.asarray(labels, dtype="<i8"))
-    h = hashlib.sha256(f"softlabels-labels:{arr.shape[0]}:".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
-
-
 def codecs_for(spec: ArraySpec) -> dict[str, Any]:
     """Zarr v3 codec settings: blosc(zstd, level 9; level 1 for features) with byte shuffle for
     floats and bit shuffle for integers (the best of the six combinations measured on teacher-like top-k data, see

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from softlabels.stores import format as fmt
+from softlabels.stores.metadata import labels_fingerprint
 from softlabels.stores.writer import StoreWriter
 from softlabels.targets import summarize_logits
 
@@ -49,7 +50,7 @@ def write_store_from_logits(
     ds = dict(dataset or {})
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
-        ds.setdefault("labels_sha256", fmt.labels_fingerprint(labels))
+        ds.setdefault("labels_sha256", labels_fingerprint(labels))
     ds.setdefault("num_samples", n)
     schema = fmt.StoreSchema(
         num_samples=n,

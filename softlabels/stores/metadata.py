@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -17,6 +18,14 @@ from zarr.core.sync import sync
 from softlabels.errors import NotAStoreError, UnsupportedFormatError
 from softlabels.stores import format as fmt
 from softlabels.stores.location import store_keys
+
+
+def labels_fingerprint(labels: np.ndarray) -> str:
+    """sha256 over N and the labels as little-endian int64, in dataset order."""
+    arr = np.ascontiguousarray(np.asarray(labels, dtype="<i8"))
+    h = hashlib.sha256(f"softlabels-labels:{arr.shape[0]}:".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def read_metadata(group: zarr.Group, location: str, *, check_version: bool = True) -> dict[str, Any]:
