@@ -1,10 +1,9 @@
-"""Reading a store: read-only, vectorised, chunk-grouped.
+"""Reading a store: read-only, vectorised, shard- and chunk-grouped.
 
-Per-item Zarr reads run at a few hundred rows/s; a random batch read through zarr's own
-indexing decodes every touched chunk for a handful of rows. This reader instead groups the
-requested indices by chunk, decodes each chunk once into a bounded LRU cache, and gathers rows
-with numpy fancy indexing. The small per-sample arrays (top-k, normalisers) can be held fully
-in memory with :meth:`SoftLabelStore.preload`.
+Per-item Zarr reads run at a few hundred rows/s. This reader fills a full-size buffer per field a
+shard at a time on first touch (compact fields decoded once) when it fits a quarter of the cache,
+else decodes each touched chunk into a bounded LRU cache; rows are gathered by numpy fancy
+indexing. :meth:`SoftLabelStore.preload` holds whole fields in memory.
 """
 
 from __future__ import annotations
@@ -290,11 +289,11 @@ class SoftLabelStore:
 
         async def read_all() -> list:
             return await asyncio.gather(*(a.getitem(slice(start, stop)) for a in arrays), return_exceptions=True)
-        out = {}
-        for name, got in zip(names, sync(read_all())):
+
+        out = dict(zip(names, sync(read_all())))
+        for name, got in out.items():
             if isinstance(got, BaseException):
                 raise read_error(self.location, name, f"{start}..{min(stop, self.num_samples) - 1}", got) from None
-            out[name] = got
         return out
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
