@@ -268,8 +268,6 @@ class SoftLabelStore:
         rows = self.schema.rows_per_shard
         shards = np.unique(idx // rows)
         todo = shards[~np.logical_and.reduce([self._lazy[n][1][shards] for n in names])]
-        if not todo.size:
-            return
         coded = [n for n in names if self._decoded(n)]
         stored = [n for n in names if n not in coded]
         stored += [a for a in self._codec.needs(coded) if a not in stored] if coded else []
@@ -292,8 +290,9 @@ class SoftLabelStore:
 
         out = dict(zip(names, sync(read_all())))
         for name, got in out.items():
-            if isinstance(got, BaseException):
-                raise read_error(self.location, name, f"{start}..{min(stop, self.num_samples) - 1}", got) from None
+            if isinstance(got, BaseException):  # a KeyboardInterrupt or cancellation is not damage
+                rows = f"{start}..{min(stop, self.num_samples) - 1}"
+                raise (read_error(self.location, name, rows, got) if isinstance(got, Exception) else got) from None
         return out
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
