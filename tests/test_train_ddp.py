@@ -8,6 +8,7 @@ leaves no process behind, and the run resumes from its checkpoint to the same we
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -277,12 +278,25 @@ def test_a_killed_rank_stops_the_run_with_one_line_and_it_resumes(digits_store, 
     _assert_close(_weights(tmp_path / "ddp" / "student.pt"), _weights(ref / "student.pt"))
 
 
+def _readme_torchrun() -> list[str]:
+    """The README's torchrun line: ``torchrun --nproc-per-node 8 -m softlabels train ARGS``; returns ARGS."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.startswith("torchrun ")]
+    assert len(lines) == 1
+    words = shlex.split(lines[0])
+    assert words[:6] == ["torchrun", "--nproc-per-node", "8", "-m", "softlabels", "train"], words
+    return words[6:]
+
+
 def test_two_ranks_read_one_s3_store(digits_store, s3, cli, tmp_path):  # noqa: F811 - the fixture
+    """The README's torchrun command (on 2 ranks, digits, a store on the local S3 server)."""
     url = _url("digits.zarr")
     code, _, err = cli("copy", digits_store, url, *s3["flags"], "--quiet")
     assert code == 0, err
-    _run_and_check(["--store", url, *s3["flags"], *COMMON, "--method", "kd", "--epochs", "1", "--batch-size", "64",
-                    "--out", tmp_path / "s3"])
+    swap = {"s.zarr": url, "mnist1d": "digits", "runs/kd-ddp": str(tmp_path / "s3")}
+    args = [swap.get(word, word) for word in _readme_torchrun()]
+    assert args.count(url) == args.count("digits") == 1 and "kd" in args
+    _run_and_check([*args, *s3["flags"], "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05", "--holdout", HOLDOUT])
     metrics = json.loads((tmp_path / "s3" / "metrics.json").read_text())
     assert metrics["store_path"] == url and metrics["world_size"] == 2
     # each rank read its own rows' targets from S3: the weights are those of one process on the local copy
