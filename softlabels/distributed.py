@@ -115,9 +115,10 @@ class DistContext:
         )
 
     def stopped(self, exc: BaseException) -> BaseException:
-        """What to raise for a SIGTERM: under torchrun its elastic agent sends it to every rank
-        when one fails -- say so; otherwise the interruption itself."""
-        if self.distributed and getattr(exc, "signum", None) == signal.SIGTERM:
+        """What to raise for a SIGTERM: torchrun's elastic agent sends it to every rank when one
+        fails -- name the dead rank when there is one on this machine; otherwise (a user's kill,
+        a scheduler's preemption) the interruption itself."""
+        if self.distributed and getattr(exc, "signum", None) == signal.SIGTERM and self.dead_peers():
             return DistributedRunError(self._lost_peer(None))
         return exc
 
