@@ -14,8 +14,8 @@ Steps (each printed as the ``softlabels`` command a user would type):
    the classifier weight for KD-sim; one view per image (no stored augmentation for torchvision
    datasets yet), so the students train in the "fixed teacher" regime (BRIEF section 3).
 3. ``softlabels train --student builtin:resnet20`` per method and seed: CE, LS, KD, KD-pt,
-   KD-sim, KD-pt+sim, KD-topk k = 1, 3, 25, at T = 4 with CE 0.1 / KD 0.9, and a horizontal flip
-   as student augmentation. Recipe: RepDistiller's CIFAR-100 one (240 epochs, batch 64, SGD
+   KD-sim, KD-pt+sim, KD-topk k = 1, 3, 25, at T = 4 with CE 0.1 / KD 0.9, on the trainer's
+   CIFAR training view (pad-4 random crop + horizontal flip, the default for ``cifar100:``). Recipe: RepDistiller's CIFAR-100 one (240 epochs, batch 64, SGD
    momentum 0.9, lr 0.05, weight decay 5e-4; cosine instead of its step decay at 150/180/210),
    passed as ``--optimizer sgd --momentum --weight-decay --schedule cosine``. Paper's numbers (Tang et al., CIFAR-100 table; BRIEF section 2): teacher 75.68, student 72.51, LS 73.87,
    KD 75.94, KD-pt 75.08, KD-sim 74.30, KD-pt+sim 75.24, KD-topk 76.17.
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir = out / "runs" / label.replace(" ", "_") / f"seed{seed}"
             argv = ["train", "--dataset", spec, "--student", "builtin:resnet20", "--method", method, *flags,
                     "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), *recipe,
-                    "--student-augment", "flip", "--seed", str(seed), "--quiet", "--out", str(run_dir)]
+                    "--seed", str(seed), "--quiet", "--out", str(run_dir)]
             if method not in ("ce", "ls"):
                 argv[1:1] = ["--store", str(store)]
             log.append("softlabels " + " ".join(shlex.quote(a) for a in argv))

@@ -39,6 +39,7 @@ def test_moved_folder_trains_from_its_store(cli, dumped):
     code, out, err = _train(cli, tmp / "elsewhere", tmp / "s.zarr", tmp / "run")
     assert code == 0, err
     assert "warning" not in err
+    assert out.startswith("kd: no evaluation split after 1 epoch (")  # --eval-split ''
 
 
 def test_swapped_image_and_renamed_class_are_refused_naming_both(cli, dumped):

@@ -74,6 +74,6 @@ def test_cifar100_smoke_on_fake_cifar_shaped_images(tmp_path):
     assert {m["method"] for m in metrics} == METHODS and len(metrics) == 9
     for m in metrics:
         assert m["student"] == "builtin:resnet20" and m["epochs"] == 1 and m["history"][0]["loss"] > 0
-        assert m["student_augment"] is not None and m["train_samples"] == 60
+        assert m["recipe"]["train_transform"] != "eval preprocessing" and m["train_samples"] == 60
     assert "softlabels dump --teacher builtin:resnet56" in (tmp_path / "commands.txt").read_text()
     assert 0 <= summary["teacher_test_accuracy"] <= 1

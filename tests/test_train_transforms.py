@@ -93,6 +93,7 @@ def test_cifar_student_trains_on_the_cifar_recipe_through_the_cli(cifar_root, tm
     code, stdout, stderr = cli("train", "--dataset", f"cifar10:{cifar_root}", "--student", "torchvision:resnet18",
                                "--method", "ce", "--epochs", "1", "--batch-size", "20", "--quiet", "--out", out)
     assert code == 0, stderr
+    assert stdout.startswith("ce: test accuracy ") and " after 1 epoch (" in stdout
     import json
 
     metrics = json.loads((out / "metrics.json").read_text())

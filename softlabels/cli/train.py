@@ -181,9 +181,10 @@ def register(app: typer.Typer) -> None:
         )
         if "test_accuracy" not in metrics:  # a torchrun rank other than 0: rank 0 reports
             return
-        acc = metrics["test_accuracy"]
-        acc_text = "n/a" if acc is None else f"{100 * acc:.2f}%"
+        acc, epochs = metrics["test_accuracy"], metrics["epochs"]
+        result = ("no evaluation split" if metrics["eval_split"] is None or acc is None
+                  else f"{metrics['eval_split']} accuracy {100 * acc:.2f}%")
         print(
-            f"{method}: {metrics['eval_split']} accuracy {acc_text} after {metrics['epochs']} epochs "
+            f"{method}: {result} after {epochs} epoch{'s' if epochs != 1 else ''} "
             f"({metrics['wall_seconds']:.1f} s); wrote {out / 'student.pt'} and {out / 'metrics.json'}"
         )
