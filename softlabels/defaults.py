@@ -11,3 +11,7 @@ RECIPE_DEFAULTS = {
 #: Trainer defaults (the method hyperparameters default to softlabels.losses', see LOSSES.md).
 DEFAULTS = {"epochs": 60, "seed": 0, "batch_size": 128,
             **{key: RECIPE_DEFAULTS[key] for key in ("lr", "optimizer", "schedule")}}
+
+#: Under torchrun: seconds a rank waits in a collective (an all-reduce, a barrier) before it gives
+#: up. Rank 0 evaluates and checkpoints while the others wait at a barrier, so it must exceed that.
+DIST_TIMEOUT = 600.0

@@ -34,8 +34,10 @@ import torch
 
 from softlabels.checkpoint import CHECKPOINT, resume_run, save_checkpoint
 from softlabels.data.provenance import json_value
+from softlabels.errors import Interrupted
 from softlabels.fit import evaluate_accuracy
 from softlabels.defaults import DEFAULTS
+from softlabels.distributed import DEFAULT_TIMEOUT, DistContext, TrainStep, init_distributed
 from softlabels.recipe import Precision, Recipe, build_optimizer, build_scheduler
 from softlabels.student import PENULTIMATE
 from softlabels.train_progress import BatchProgress
@@ -76,6 +78,7 @@ class TrainConfig:
     shuffle: str = "auto"
     resume: bool = False
     expect_digests: Sequence[str] | None = None  # --expect-digest, one per store (softlabels.stores.integrity)
+    dist_timeout: float = DEFAULT_TIMEOUT  # torchrun: seconds a rank waits in a collective
 
 
 def default_preload_bytes() -> int:
@@ -122,6 +125,7 @@ def train_student(
     shuffle: str = "auto",
     resume: bool = False,
     expect_digests: Sequence[str] | None = None,
+    dist_timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
     """Train ``student_arch`` on ``dataset_spec`` with ``method`` from the store(s) at
     ``store_path`` (a path, a list of paths -- one per split, e.g. train + transfer -- or None
@@ -145,6 +149,11 @@ def train_student(
     ``max_preload_bytes`` (default :func:`default_preload_bytes`) stream with the chunk-aware order
     (``shuffle="auto"``; or ``"full"``/``"chunks"``). Every epoch writes
     ``out_dir/checkpoint.pt``; ``resume=True`` continues from it (refused when the arguments differ).
+
+    Under ``torchrun`` every rank calls this: ``batch_size`` is per rank, each rank trains on
+    its share of the epoch order in DistributedDataParallel, and rank 0 alone evaluates and
+    writes the outputs (the other ranks return ``{"rank": r, ...}``); a collective waits at most
+    ``dist_timeout`` seconds (:mod:`softlabels.distributed`).
     """
     recipe = recipe or Recipe(lr=lr)
     config = TrainConfig(
@@ -154,7 +163,7 @@ def train_student(
         num_workers=num_workers, storage_options=storage_options, recipe=recipe, augment=augment,
         student_feature_layer=student_feature_layer,
         preload_bytes=default_preload_bytes() if max_preload_bytes is None else int(max_preload_bytes),
-        shuffle=shuffle, resume=resume, expect_digests=expect_digests,
+        shuffle=shuffle, resume=resume, expect_digests=expect_digests, dist_timeout=dist_timeout,
     )
     return run_training(config, warn=warn, on_epoch=on_epoch)
 
@@ -169,22 +178,41 @@ def run_training(
     wall_start = time.perf_counter()
     warn = warn or _stderr_warning
     warnings: list[str] = []
+    ctx = init_distributed(config.dist_timeout)
 
     def note(message: str) -> None:
         warnings.append(message)
-        warn(message)
+        if ctx.is_main:  # one copy of each warning, not one per rank
+            warn(message)
 
-    run = setup(config, note)
-    precision = Precision(config.recipe.amp, run.device)
-    if config.recipe.amp and precision.dtype is None:
-        note("--amp has no effect on the CPU; training in float32")
-    history, stages_run, start_epoch = _train_loop(run, config, precision, on_epoch)
-    return _write_outputs(run, config, history, stages_run, warnings, wall_start, precision, start_epoch)
+    try:
+        run = setup(config, note, ctx)
+        precision = Precision(config.recipe.amp, run.device)
+        if config.recipe.amp and precision.dtype is None:
+            note("--amp has no effect on the CPU; training in float32")
+        if ctx.distributed and ctx.is_main:
+            sys.stderr.write(
+                f"distributed: {ctx.world_size} ranks ({ctx.backend}, {run.device.type}), --batch-size "
+                f"{config.batch_size} per rank, global batch {config.batch_size * ctx.world_size}\n"
+            )
+        history, stages_run, start_epoch = _train_loop(run, config, precision, on_epoch, ctx)
+        if not ctx.is_main:
+            ctx.barrier()  # rank 0 writes the outputs
+            return {"rank": ctx.rank, "world_size": ctx.world_size, "history": history}
+        metrics = _write_outputs(run, config, history, stages_run, warnings, wall_start, precision, start_epoch, ctx)
+        ctx.barrier()
+        return metrics
+    except Interrupted as exc:
+        raise ctx.stopped(exc) from None
+    finally:
+        ctx.close()
 
 
-def _run_args(run: Run, config: TrainConfig) -> dict[str, Any]:
-    """The arguments a checkpoint records; a resume must give the same."""
-    return json_value({
+def _run_args(run: Run, config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    """The arguments a checkpoint records; a resume must give the same (and, under torchrun,
+    the same number of ranks: the per-rank shares and the steps per epoch depend on it)."""
+    ranks = {"world_size": ctx.world_size} if ctx.world_size > 1 else {}
+    return json_value({**ranks,
         "store": run.paths, "dataset": config.dataset_spec, "student": config.student_arch, "method": config.method,
         "hparam": config.hparams, "temperature": config.temperature, "k": config.k, "epochs": config.epochs,
         "seed": config.seed, "batch_size": config.batch_size, "views": config.views,
@@ -194,28 +222,35 @@ def _run_args(run: Run, config: TrainConfig) -> dict[str, Any]:
     })
 
 
-def _train_loop(run: Run, config: TrainConfig, precision: Precision, on_epoch) -> tuple[list, list, int]:
+def _train_loop(run: Run, config: TrainConfig, precision: Precision, on_epoch, ctx: DistContext) -> tuple[list, list, int]:
     """The recipe's optimizer and per-step schedule; per epoch the mean loss and its components,
-    the held-out accuracy, and a checkpoint. Returns ``(history, stages, first epoch run)``."""
+    the held-out accuracy, and a checkpoint. Returns ``(history, stages, first epoch run)``.
+    Under torchrun the student and the method train in one DistributedDataParallel; the epoch's
+    sums are gathered from every rank; rank 0 evaluates and checkpoints while the others wait."""
     student, method, device, recipe = run.student, run.method, run.device, config.recipe
     memory_format = torch.channels_last if recipe.channels_last and len(run.input_shape) == 3 else torch.preserve_format
     student.to(device, memory_format=memory_format)
     method.to(device)
+    step_module = TrainStep(student, method, run.features, precision)
+    # a staged method (hint two-stage) leaves the classifier or the regressor without a gradient in a stage
+    model = ctx.wrap(step_module, device, find_unused_parameters=len(method.stages) > 1)
     params = [*student.parameters(), *method.parameters()]
     optimizer = build_optimizer(recipe, [student, method])
     scheduler = build_scheduler(recipe, optimizer, len(run.sampler), config.epochs)
     out_path = Path(config.out_dir)
-    run_args = _run_args(run, config)
+    run_args = _run_args(run, config, ctx)
     in_process = config.num_workers == 0
     history: list[dict[str, Any]] = []
     stages_run: list[str] = []
     start_epoch, step = 0, 0
-    with torch.random.fork_rng(devices=[]), BatchProgress(config.progress, config.epochs) as bar:
-        torch.manual_seed(config.seed)
-        if config.resume:
+    with torch.random.fork_rng(devices=[]), BatchProgress(config.progress and ctx.is_main, config.epochs) as bar:
+        torch.manual_seed(config.seed + ctx.rank)  # rank 0: the single-process stream; others: their own (dropout)
+        if config.resume:  # every rank loads the same checkpoint: weights, optimizer, schedule, epoch
             info = resume_run(out_path / CHECKPOINT, run_args, model=student, loss=method, optimizer=optimizer,
                               scheduler=scheduler, scaler=precision.scaler)
             history, stages_run, start_epoch, step = info["history"], info["stages"], info["epoch"], info["step"]
+            if ctx.rank:
+                torch.manual_seed(config.seed * 1_000_003 + ctx.rank * 7919 + step)
         student.train()
         for epoch in range(start_epoch, config.epochs):
             epoch_start = time.perf_counter()
@@ -234,44 +269,47 @@ def _train_loop(run: Run, config: TrainConfig, precision: Precision, on_epoch) -
                 x = batch["input"].to(device, non_blocking=True, memory_format=memory_format)
                 labels = batch["label"].to(device, non_blocking=True) if has_labels else None
                 targets = {name: t.to(device, non_blocking=True) for name, t in batch["targets"].items()}
-                with precision.autocast():
-                    logits = student(x)
-                feats = run.features.value if run.features is not None else None
-                out = method(logits.float(), labels, targets, student_features=feats, stage=stage)
-                precision.backward_step(out.total, optimizer, params, recipe.grad_clip)
+                loss, components = ctx.collective(model, x, labels, targets, stage)
+                # the gradient all-reduce runs inside backward (DistributedDataParallel)
+                ctx.collective(precision.backward_step, loss, optimizer, params, recipe.grad_clip)
                 scheduler.step()
                 step += 1
                 n = x.shape[0]
                 seen += n
-                total += out.total.detach() * n
-                for key, value in out.components.items():
+                total += loss.detach() * n
+                for key, value in components.items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + value * n
                 if bar.enabled:  # running means for the bar (a device sync; not when quiet)
                     bar.step(n, float(total) / seen, {key: float(v) / seen for key, v in parts_sum.items()})
             train_seconds = time.perf_counter() - epoch_start
+            loss_sum, parts, seen = ctx.epoch_sums(float(total), {k: float(v) for k, v in parts_sum.items()}, seen)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "stage": stage,
-                "loss": float(total) / max(seen, 1),
-                "components": {key: float(v) / max(seen, 1) for key, v in parts_sum.items()},
+                "loss": loss_sum / max(seen, 1),
+                "components": {key: v / max(seen, 1) for key, v in parts.items()},
                 "train_seconds": train_seconds,
                 "images_per_second": seen / max(train_seconds, 1e-9),
                 "lr": optimizer.param_groups[0]["lr"],
             }
-            if run.eval_set is not None:
-                record["test_accuracy"] = evaluate_accuracy(student, run.eval_set, device=device)
-                record["eval_split"] = run.eval_split
-            history.append(record)
-            out_path.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(
-                out_path / CHECKPOINT, model=student, loss=method, optimizer=optimizer, scheduler=scheduler,
-                scaler=precision.scaler,
-                info={"epoch": epoch + 1, "step": step, "sampler": {"epoch": epoch + 1, "batch": 0},
-                      "args": run_args, "history": history, "stages": stages_run},
-            )
-            bar.end_epoch(record)
-            if on_epoch is not None:
-                on_epoch(record)
+            if ctx.is_main:
+                if run.eval_set is not None:
+                    record["test_accuracy"] = evaluate_accuracy(student, run.eval_set, device=device)
+                    record["eval_split"] = run.eval_split
+                history.append(record)
+                out_path.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(
+                    out_path / CHECKPOINT, model=student, loss=method, optimizer=optimizer, scheduler=scheduler,
+                    scaler=precision.scaler,
+                    info={"epoch": epoch + 1, "step": step, "sampler": {"epoch": epoch + 1, "batch": 0},
+                          "args": run_args, "history": history, "stages": stages_run},
+                )
+                bar.end_epoch(record)
+                if on_epoch is not None:
+                    on_epoch(record)
+            else:
+                history.append(record)
+            ctx.barrier()  # the checkpoint is complete before any rank goes on
     if run.features is not None:
         run.features.remove()
     return history, stages_run, start_epoch
@@ -300,7 +338,7 @@ def _store_rows(run: Run) -> list[dict[str, Any]]:
 
 
 def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings, wall_start, precision,
-                   start_epoch) -> dict[str, Any]:
+                   start_epoch, ctx: DistContext) -> dict[str, Any]:
     """``student.pt`` (the state dict) and ``metrics.json``; returns the metrics."""
     out_path = Path(config.out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
@@ -324,6 +362,8 @@ def _write_outputs(run: Run, config: TrainConfig, history, stages_run, warnings,
         "epochs": config.epochs,
         "seed": config.seed,
         "batch_size": config.batch_size,
+        "world_size": ctx.world_size,
+        "global_batch_size": config.batch_size * ctx.world_size,
         "lr": config.recipe.lr,
         "optimizer": config.recipe.optimizer,
         "schedule": "cosine to 0 over all steps"

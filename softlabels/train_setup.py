@@ -20,7 +20,7 @@ from softlabels.data.provenance import allowed_kinds
 from softlabels.data import ConcatDistillDataset, DistillDataset, StoreBatchSampler, dataset_differences, make_loader
 from softlabels.datasets import load_dataset
 from softlabels.datasets.splits import choose_eval_split, holdout
-from softlabels.device import pick_device
+from softlabels.distributed import DistContext
 from softlabels.errors import InvalidTargetsError, SpecError
 from softlabels.fields import TOPK_INDICES, TOPK_VALUES
 from softlabels.fit import check_training_args
@@ -160,8 +160,10 @@ def _build_method(config: TrainConfig, cls, hparams, stores, student, num_classe
     return build_method(config.method, **hparams, **constants), features
 
 
-def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
-    """Resolve ``config`` into a :class:`Run`; ``note`` receives every warning, in order."""
+def setup(config: TrainConfig, note: Callable[[str], None], ctx: DistContext | None = None) -> Run:
+    """Resolve ``config`` into a :class:`Run`; ``note`` receives every warning, in order. Under
+    torchrun (``ctx``) the device is the rank's and the sampler yields the rank's share."""
+    ctx = ctx or DistContext()
     cls = method_class(config.method)  # unknown name -> SpecError listing the known methods
     check_training_args(epochs=config.epochs, batch_size=config.batch_size, lr=config.recipe.lr)
     if config.shuffle not in ("auto", "full", "chunks"):
@@ -186,7 +188,7 @@ def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
         raise SpecError(f"the {infos[0].split} split of {infos[0].spec} is unlabeled; {config.method} needs labels")
 
     # student and method, initialised from the seed
-    device = pick_device()
+    device = ctx.device()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         input_shape = tuple(infos[0].input_shape)
@@ -248,7 +250,7 @@ def setup(config: TrainConfig, note: Callable[[str], None]) -> Run:
             f"use --batch-size <= {len(train_data)}"
         )
     sampler = StoreBatchSampler(train_data, config.batch_size, shuffle=True if shuffle == "full" else "chunks",
-                                seed=config.seed, exclude=exclude)
+                                seed=config.seed, exclude=exclude, rank=ctx.rank, world_size=ctx.world_size)
     batches: Any = sampler  # in-process: one __getitems__ per batch, no DataLoader machinery
     if config.num_workers > 0:
         batches = make_loader(train_data, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")

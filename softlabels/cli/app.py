@@ -7,6 +7,7 @@ User mistakes raise :class:`softlabels.errors.SoftlabelsError`; :func:`main` pri
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 
@@ -56,12 +57,20 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _rank_prefix() -> str:
+    """``"rank 1/2: "`` in a torchrun job of several ranks (whose error lines all reach one terminal)."""
+    world = os.environ.get("WORLD_SIZE")
+    if "RANK" not in os.environ or not world or int(world) <= 1:
+        return ""
+    return f"rank {os.environ['RANK']}/{world}: "
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         app()
     except SoftlabelsError as exc:
-        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
+        sys.stderr.write(f"error: {_rank_prefix()}{' '.join(str(exc).split())}\n")
         sys.exit(exc.exit_code)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from softlabels.cli.options import flag, parse_key_values, parse_storage_options, storage_option_flag
-from softlabels.defaults import DEFAULTS, RECIPE_DEFAULTS
+from softlabels.defaults import DEFAULTS, DIST_TIMEOUT, RECIPE_DEFAULTS
 
 
 
@@ -43,7 +43,10 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(None, "--k", help="Use the first k stored top-k logits (default: all stored)."),
         epochs: int = typer.Option(DEFAULTS["epochs"], "--epochs", help="Training epochs."),
         seed: int = typer.Option(DEFAULTS["seed"], "--seed", help="Seed for initialisation, shuffling and view selection."),
-        batch_size: int = typer.Option(DEFAULTS["batch_size"], "--batch-size", help="Batch size."),
+        batch_size: int = typer.Option(
+            DEFAULTS["batch_size"], "--batch-size", help="Batch size (per rank under torchrun: the global batch is "
+            "--batch-size x the number of ranks)."
+        ),
         optimizer: str = typer.Option(RECIPE_DEFAULTS["optimizer"], "--optimizer", help="sgd, adamw or adam."),
         lr: float = typer.Option(DEFAULTS["lr"], "--lr", help="Peak learning rate."),
         momentum: float = typer.Option(RECIPE_DEFAULTS["momentum"], "--momentum", help="SGD momentum."),
@@ -117,11 +120,19 @@ def register(app: typer.Typer) -> None:
             None, "--expect-digest", help="Refuse unless the store's digest (as `softlabels info` prints it) is this "
             "sha256:...; repeat once per --store, in order. Pins exactly the store that was reviewed."
         ),
+        dist_timeout: float = typer.Option(
+            DIST_TIMEOUT, "--dist-timeout", help="Under torchrun: seconds a rank waits for the others in a collective "
+            "before it stops with an error (a rank died or hangs). Rank 0 evaluates and checkpoints while the others "
+            "wait, so it must exceed one evaluation."
+        ),
         quiet: bool = flag("--quiet", "-q", help="No progress bar."),
         storage_option: list[str] = storage_option_flag(),
         out: Path = typer.Option(..., "--out", help="Output directory for student.pt, metrics.json and checkpoint.pt."),
     ) -> None:
-        """Train a student from teacher targets stored by `softlabels dump` (the teacher is not needed)."""
+        """Train a student from teacher targets stored by `softlabels dump` (the teacher is not needed).
+
+        On many GPUs or machines: torchrun --nproc-per-node N -m softlabels train ... (DistributedDataParallel;
+        --batch-size is per rank; rank 0 evaluates and writes OUT)."""
         from rich.console import Console
         from rich.markup import escape
 
@@ -165,8 +176,11 @@ def register(app: typer.Typer) -> None:
             num_workers=workers,
             storage_options=parse_storage_options(storage_option),
             expect_digests=expect_digest or None,
+            dist_timeout=dist_timeout,
             warn=lambda message: err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True),
         )
+        if "test_accuracy" not in metrics:  # a torchrun rank other than 0: rank 0 reports
+            return
         acc, epochs = metrics["test_accuracy"], metrics["epochs"]
         result = ("no evaluation split" if metrics["eval_split"] is None or acc is None
                   else f"{metrics['eval_split']} accuracy {100 * acc:.2f}%")

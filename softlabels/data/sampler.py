@@ -24,7 +24,9 @@ class StoreBatchSampler(torch.utils.data.Sampler):
     ``window_chunks`` consecutive chunks of that order -- each chunk is decoded about once per
     epoch, so stores larger than memory stream at disk speed). Every rank computes the same
     epoch order from ``seed`` and takes its shard: a contiguous block in chunk mode (so a rank
-    reads its own chunks), every ``world_size``-th index otherwise. Like
+    reads its own chunks), every ``world_size``-th index otherwise (``DistributedSampler``'s rule:
+    then step ``i`` of all ranks together is batch ``i`` of one process at ``world_size x
+    batch_size`` over the same order, which makes DDP's averaged step the single-process step). Like
     ``DistributedSampler``, the order is padded by repeating its start so that every rank gets
     the same number of samples (``pad=False`` truncates instead). Rows in ``exclude`` are never
     yielded (a ``--holdout`` part of train). Yields :class:`BatchIndices`.
