@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from softlabels.demo_students import method_flags
+
 # Tang et al. 2020, Table 2 (teacher / student / KD / KD-pt / KD-sim at three tau, low to high).
 PAPER = {
     "teacher": (54.82, 60.60, 61.53),
@@ -130,13 +132,7 @@ def train_argv(job: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
     opts = job["opts"]
     if job["method"] not in ("ce", "ls"):
         argv[1:1] = ["--store", job["store"]]
-    if "temperature" in opts:
-        argv += ["--temperature", f"{opts['temperature']:g}"]
-    if "k" in opts:
-        argv += ["--k", str(opts["k"])]
-    for key, value in opts.get("hparams", {}).items():
-        argv += ["--hparam", f"{key}={value:g}"]
-    return argv
+    return argv + method_flags(opts)
 
 
 def dataset_spec(cfg: argparse.Namespace, tau: float, difficulty: int) -> str:

@@ -47,16 +47,24 @@ RUNS: list[tuple[str, str, str | None, dict[str, Any]]] = [
 ]
 
 
+def method_flags(opts: dict[str, Any]) -> list[str]:
+    """``softlabels train`` flags for a method's options ``{"temperature", "k", "hparams"}`` (each optional);
+    also used by benchmarks/tang2020.py, so both print the command a user would type the same way."""
+    flags: list[str] = []
+    if "temperature" in opts:
+        flags += ["--temperature", f"{opts['temperature']:g}"]
+    if "k" in opts:
+        flags += ["--k", str(opts["k"])]
+    for key, value in opts.get("hparams", {}).items():
+        flags += ["--hparam", f"{key}={value:g}"]
+    return flags
+
+
 def _command(method: str, stores: list[str], dataset: str, epochs: int, opts: dict[str, Any]) -> str:
     parts = ["softlabels", "train", "--dataset", dataset, "--student", "builtin:mlp", "--method", method]
     for s in stores:
         parts += ["--store", s]
-    if "temperature" in opts:
-        parts += ["--temperature", f"{opts['temperature']:g}"]
-    if "k" in opts:
-        parts += ["--k", str(opts["k"])]
-    for key, value in opts.get("hparams", {}).items():
-        parts += ["--hparam", f"{key}={value:g}"]
+    parts += method_flags(opts)
     parts += ["--epochs", str(epochs), "--seed", "0", "--out", "runs/" + method + "/seed0"]
     return " ".join(shlex.quote(p) for p in parts)
 
